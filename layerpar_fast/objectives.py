@@ -14,7 +14,7 @@ Loss forms (``form``):
   ∂ℓ/∂o = (β/d)·Dᵀ(a − λ̃ + u)/B.
 * ``"gs"``: ℓ = mean_i [⟨a_i, μ_i⟩ + (β/(2d))‖a_i − λ̃_i‖²],  ∂ℓ/∂o = Dᵀ(μ + (β/d)(a − λ̃))/B.
 
-All arithmetic is fp32 whatever the storage dtype of λ̃/u/μ.
+All arithmetic is fp32 whatever the storage dtype of λ̃/u/μ (float64 inputs stay float64).
 """
 from __future__ import annotations
 
@@ -25,14 +25,19 @@ from .filters import FilterPair
 LOSS_FORMS = ("jacobi", "gs")
 
 
+def _up(t: torch.Tensor) -> torch.Tensor:
+    """fp32 arithmetic for fp32/bf16/fp16 inputs; float64 stays float64 (tests, gradcheck)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def coarse_dim(t: torch.Tensor) -> int:
     """d: the number of coarse elements per sample of a (B, C, h, w) tensor."""
     return int(t[0].numel())
 
 
 def _residual(a: torch.Tensor, lam: torch.Tensor, mult: torch.Tensor | None) -> torch.Tensor:
-    r = a - lam.float()
-    return r if mult is None else r + mult.float()
+    r = a - _up(lam)
+    return r if mult is None else r + _up(mult)
 
 
 def local_loss(o: torch.Tensor, target: torch.Tensor, mult: torch.Tensor | None, beta: float,
@@ -42,7 +47,7 @@ def local_loss(o: torch.Tensor, target: torch.Tensor, mult: torch.Tensor | None,
     Returns ``(loss, a)``: ``loss`` is a scalar differentiable w.r.t. ``o``; ``a = D(o)`` is
     detached fp32 (kept for the λ-step / sent to the next stage).
     """
-    a = filt.down(o.float())
+    a = filt.down(_up(o))
     d = coarse_dim(a)
     if form == "jacobi":
         r = _residual(a, target, mult)
@@ -50,8 +55,8 @@ def local_loss(o: torch.Tensor, target: torch.Tensor, mult: torch.Tensor | None,
     elif form == "gs":
         if mult is None:
             raise ValueError("the Gauss-Seidel loss form needs the multiplier rows mu")
-        lin = (a * mult.float()).flatten(1).sum(1)
-        prox = (a - target.float()).pow(2).flatten(1).sum(1)
+        lin = (a * _up(mult)).flatten(1).sum(1)
+        prox = (a - _up(target)).pow(2).flatten(1).sum(1)
         loss = (lin + (beta / (2.0 * d)) * prox).mean()
     else:
         raise ValueError(f"unknown loss form {form!r}; valid: {LOSS_FORMS}")
@@ -61,7 +66,7 @@ def local_loss(o: torch.Tensor, target: torch.Tensor, mult: torch.Tensor | None,
 def local_loss_grad(o: torch.Tensor, target: torch.Tensor, mult: torch.Tensor | None, beta: float,
                     form: str, filt: FilterPair) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Closed form of :func:`local_loss` and its gradient: ``(loss, grad_o, a)`` (all fp32)."""
-    a = filt.down(o.detach().float())
+    a = filt.down(_up(o.detach()))
     b = a.shape[0]
     d = coarse_dim(a)
     if form == "jacobi":
@@ -71,9 +76,9 @@ def local_loss_grad(o: torch.Tensor, target: torch.Tensor, mult: torch.Tensor | 
     elif form == "gs":
         if mult is None:
             raise ValueError("the Gauss-Seidel loss form needs the multiplier rows mu")
-        diff = a - target.float()
-        loss = ((a * mult.float()).sum() + (beta / (2.0 * d)) * diff.pow(2).sum()) / b
-        coarse = mult.float() + (beta / d) * diff
+        diff = a - _up(target)
+        loss = ((a * _up(mult)).sum() + (beta / (2.0 * d)) * diff.pow(2).sum()) / b
+        coarse = _up(mult) + (beta / d) * diff
     else:
         raise ValueError(f"unknown loss form {form!r}; valid: {LOSS_FORMS}")
     return loss, filt.down_adjoint(coarse) / b, a
@@ -81,7 +86,7 @@ def local_loss_grad(o: torch.Tensor, target: torch.Tensor, mult: torch.Tensor | 
 
 def coarse_input_grad(grad_z: torch.Tensor, filt: FilterPair) -> torch.Tensor:
     """g = B·Uᵀ(grad_z): the per-sample coarse signal sent from stage k+1 to stage k (fp32)."""
-    return filt.up_adjoint(grad_z.float()) * float(grad_z.shape[0])
+    return filt.up_adjoint(_up(grad_z)) * float(grad_z.shape[0])
 
 
 def lambda_step(lam: torch.Tensor, u: torch.Tensor | None, a: torch.Tensor, g: torch.Tensor,
@@ -91,10 +96,10 @@ def lambda_step(lam: torch.Tensor, u: torch.Tensor | None, a: torch.Tensor, g: t
     λ̃⁺ = γ(a + u) + (1 − γ)λ̃ − γ(d/β)g ;  u⁺ = u + (a − λ̃⁺)   (penalty: u ≡ 0, no u⁺).
     """
     d = coarse_dim(a)
-    lam32 = lam.float()
-    au = a if u is None else a + u.float()
+    lam32 = _up(lam)
+    au = a if u is None else a + _up(u)
     lam_new = gamma * au + (1.0 - gamma) * lam32 - (gamma * d / beta) * g
-    u_new = None if u is None else u.float() + (a - lam_new)
+    u_new = None if u is None else _up(u) + (a - lam_new)
     return lam_new, u_new
 
 
@@ -125,5 +130,5 @@ def scatter_rows_(store: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) ->
 def stage_input(store: torch.Tensor, idx: torch.Tensor, filt: FilterPair,
                 channels_last: bool = False) -> torch.Tensor:
     """z = U(λ̃[idx]) in fp32: the input of stage k+1 built from its input store."""
-    z = filt.up(store.index_select(0, idx).float())
+    z = filt.up(_up(store.index_select(0, idx)))
     return z.contiguous(memory_format=torch.channels_last) if channels_last else z.contiguous()

@@ -1,0 +1,186 @@
+"""Command line: ``layerpar train | plot | info``.
+
+Every bad option, data file or configuration ends in one ``layerpar: error: ...`` line and exit
+status 2 before any training starts; no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from typing import Any, Sequence
+
+from .config import (AL_ORDERS, AUGMENTS, AUX_DTYPES, BALANCE, LR_SCHEDULES, METHODS, SERIAL_ON,
+                     TRANSPORTS, Config, ConfigError, load_config_file, make_config)
+
+# option name -> (type, help); the defaults come from Config
+_TRAIN_OPTIONS: dict[str, tuple[Any, str]] = {
+    "dataset": (str, "embedded (packaged MNIST subset, default), mnist, cifar10, cifar100, or PATH.npz"),
+    "data_dir": (str, "folder with the data set's standard files (default $LAYERPAR_DATA_DIR or ~/.cache/layerpar_fast)"),
+    "subset": (int, "use only the first N training images (quick runs)"),
+    "test_subset": (int, "use only the first N test images"),
+    "augment": (str, f"training augmentation of serial epochs: {', '.join(AUGMENTS)} (auto: crop_flip for RGB, none for MNIST)"),
+    "cifar100_labels": (str, "fine (100 classes) or coarse (20 classes)"),
+    "model": (str, "mnist_resnet, resnet20/32/44/56/110, wrn{depth}_{k} (e.g. wrn16_4, wrn28_10)"),
+    "method": (str, f"{', '.join(METHODS)}: serial back-propagation, or SPH with penalty / augmented-Lagrangian local losses"),
+    "epochs": (int, "total epochs (serial: serial:N; penalty/al default schedule serial:1,parallel:N-1-S,serial:S with S=N/4)"),
+    "schedule": (str, "phases, e.g. serial:1,parallel:5,serial:2 or (parallel:2,serial:1)x3"),
+    "batch_size": (int, "mini-batch size (the global batch size of every phase)"),
+    "eval_batch_size": (int, "evaluation batch size"),
+    "lr": (float, "peak learning rate"),
+    "lr_schedule": (str, f"{', '.join(LR_SCHEDULES)} over all epochs of all phases"),
+    "milestones": (str, "multistep milestones: fractions of the total (<1) or epoch numbers, comma separated"),
+    "lr_decay": (float, "multistep decay factor"),
+    "warmup_epochs": (float, "linear warm-up length in epochs"),
+    "momentum": (float, "SGD momentum"),
+    "weight_decay": (float, "weight decay"),
+    "label_smoothing": (float, "cross-entropy label smoothing"),
+    "stages": (int, "K, the number of stages (workers)"),
+    "cuts": (str, "block indices where the network is cut, comma separated (default: balanced)"),
+    "balance": (str, f"how to choose cuts when --cuts is not given: {', '.join(BALANCE)}"),
+    "ds": (int, "downsampling factor s of what is stored and sent (1, 2, 4)"),
+    "filter": (str, "filter pair: avg_nearest (default) or avg_bilinear"),
+    "beta": (float, "penalty weight beta (default: AL Gauss-Seidel c/(lr*kappa), otherwise 10)"),
+    "beta_c": (float, "c in the automatic beta_k = c/(lr*kappa_k)"),
+    "gamma": (float, "lambda-step weight gamma in (0, 1] (Jacobi order and penalty)"),
+    "al_order": (str, f"augmented-Lagrangian update order: {', '.join(AL_ORDERS)}"),
+    "window": (int, "W: how many steps a stage may run ahead of its neighbours' messages"),
+    "aux_dtype": (str, f"storage dtype of the auxiliary variables: {', '.join(AUX_DTYPES)}"),
+    "kappa_iters": (int, "power iterations for the local-loss curvature kappa_k"),
+    "bn_recalib_batches": (int, "batches of BatchNorm recalibration after parallel epochs"),
+    "transport": (str, f"{', '.join(TRANSPORTS)}: local = all stages in this process"),
+    "serial_on": (str, f"serial phase on {', '.join(SERIAL_ON)} worker(s)"),
+    "timeout_s": (float, "seconds any wait for another worker may last before the run is aborted"),
+    "seed": (int, "random seed (initialisation, data order, augmentation)"),
+    "threads": (int, "torch threads (default: CPU cores // local workers)"),
+    "checkpoint_every": (int, "write a checkpoint every N epochs"),
+}
+_BOOL_OPTIONS = {
+    "channels_last": "use channels_last memory format",
+    "nesterov": "Nesterov momentum",
+    "wd_bn": "apply weight decay to BatchNorm weights and biases",
+    "progress": "show progress bars",
+}
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="layerpar", description="Layer-parallel training of deep ResNets.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model (serial or layer-parallel SPH)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t.add_argument("--config", help="YAML or TOML file with the same keys (the command line wins)")
+    t.add_argument("--out", help="run directory (default runs/MODEL-DATASET-METHOD-TIME)")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its checkpoint")
+    defaults = Config()
+    for name, (typ, help_) in _TRAIN_OPTIONS.items():
+        t.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None,
+                       help=f"{help_} [default: {getattr(defaults, name)}]")
+    for name, help_ in _BOOL_OPTIONS.items():
+        t.add_argument("--" + name.replace("_", "-"), dest=name, action=argparse.BooleanOptionalAction,
+                       default=None, help=f"{help_} [default: {getattr(defaults, name)}]")
+
+    pl = sub.add_parser("plot", help="plot test accuracy and loss of runs against epoch and wall time")
+    pl.add_argument("runs", nargs="+", help="run directories (each with metrics.jsonl)")
+    pl.add_argument("-o", "--output", default="runs.png", help="output image (PNG, PDF or SVG)")
+    pl.add_argument("--labels", help="comma-separated legend labels (default: directory names)")
+
+    sub.add_parser("info", help="versions, threads and available fast paths")
+    return p
+
+
+def _train_config(args: argparse.Namespace) -> tuple[Config, str, bool]:
+    if args.resume:
+        run_dir = args.resume
+        cfg_path = os.path.join(run_dir, "config.json")
+        if not os.path.isdir(run_dir):
+            raise ConfigError(f"--resume {run_dir}: no such directory")
+        if not os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
+            raise ConfigError(f"--resume {run_dir}: no checkpoint.pt there (nothing to resume)")
+        import json
+        try:
+            with open(cfg_path) as f:
+                saved = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--resume {run_dir}: cannot read config.json: {e}") from None
+        # only run-time options may change on resume; the training itself must not
+        runtime = {k: getattr(args, k) for k in ("threads", "progress", "timeout_s") if getattr(args, k) is not None}
+        saved.update(runtime)
+        saved["out"] = run_dir
+        return make_config(saved), run_dir, True
+    file_values = load_config_file(args.config) if args.config else {}
+    values = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(Config)}
+    if isinstance(values.get("milestones"), str):
+        values["milestones"] = [float(x) for x in values["milestones"].split(",") if x]
+    values["out"] = args.out
+    cfg = make_config(file_values, **values)
+    run_dir = cfg.out or os.path.join(
+        "runs", f"{cfg.model}-{os.path.basename(str(cfg.dataset)).replace('.npz', '')}-{cfg.method}-"
+                f"{time.strftime('%Y%m%d-%H%M%S')}")
+    cfg.out = run_dir
+    if os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
+        raise ConfigError(f"--out {run_dir} already holds a run; continue it with --resume {run_dir} "
+                          "or choose another --out")
+    return cfg, run_dir, False
+
+
+def _prepare_run_dir(run_dir: str) -> None:
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        probe = os.path.join(run_dir, ".write_test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"run directory {run_dir} is not writable: {e.strerror or e}") from None
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .trainer import HybridTrainer
+    cfg, run_dir, resume = _train_config(args)
+    _prepare_run_dir(run_dir)
+    trainer = HybridTrainer(cfg, run_dir, resume=resume)
+    summary = trainer.run()
+    print(f"final test accuracy {100 * summary['final_test_acc']:.2f}% "
+          f"(best {100 * summary['best_test_acc']:.2f}%) in {summary['wall_time_s']:.1f}s; "
+          f"run directory {run_dir}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .plot import plot_runs
+    labels = args.labels.split(",") if args.labels else None
+    plot_runs(args.runs, args.output, labels)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .info import info_text
+    print(info_text())
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .data import DataError
+    from .filters import FilterError
+    from .models import ModelError
+    from .staging import StagingError
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    handlers = {"train": cmd_train, "plot": cmd_plot, "info": cmd_info}
+    try:
+        return handlers[args.command](args)
+    except (ConfigError, DataError, ModelError, StagingError, FilterError) as e:
+        print(f"layerpar: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("layerpar: interrupted; the last completed epoch is in the checkpoint "
+              "(continue with --resume RUN_DIR)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,268 @@
+"""Run configuration: one dataclass, validated before any work starts.
+
+The same keys are accepted on the command line (``--batch-size``) and in a YAML or TOML file
+given with ``--config`` (``batch_size: 128`` or ``batch-size = 128``); the command line wins.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """An invalid option; the message names the option, the bad value and what is valid."""
+
+
+METHODS = ("serial", "penalty", "al")
+LR_SCHEDULES = ("cosine", "multistep", "constant")
+AUGMENTS = ("auto", "none", "crop_flip", "shift")
+AUX_DTYPES = ("fp32", "bf16", "fp16")
+AL_ORDERS = ("gs", "jacobi")
+TRANSPORTS = ("auto", "local", "dist")
+SERIAL_ON = ("all", "one")
+BALANCE = ("time", "flops")
+
+
+@dataclass
+class Config:
+    # data
+    dataset: str = "embedded"
+    data_dir: str | None = None
+    subset: int | None = None
+    test_subset: int | None = None
+    augment: str = "auto"
+    cifar100_labels: str = "fine"
+    # model
+    model: str = "mnist_resnet"
+    channels_last: bool = False
+    # method and schedule
+    method: str = "serial"
+    epochs: int | None = None
+    schedule: str | None = None
+    # optimisation
+    batch_size: int = 128
+    eval_batch_size: int = 1000
+    lr: float = 0.05
+    lr_schedule: str = "cosine"
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
+    lr_decay: float = 0.1
+    warmup_epochs: float = 0.0
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    wd_bn: bool = True
+    label_smoothing: float = 0.0
+    # layer-parallel engine (ALGORITHM.md)
+    stages: int = 1
+    cuts: str | None = None
+    balance: str = "flops"
+    ds: int = 1
+    filter: str = "avg_nearest"
+    beta: float | None = None
+    beta_c: float = 0.6
+    gamma: float = 0.5
+    al_order: str = "gs"
+    window: int = 2
+    aux_dtype: str = "fp32"
+    kappa_iters: int = 20
+    bn_recalib_batches: int = 200
+    transport: str = "auto"
+    serial_on: str = "all"
+    timeout_s: float = 300.0
+    # run
+    seed: int = 0
+    threads: int | None = None
+    out: str | None = None
+    progress: bool = True
+    checkpoint_every: int = 1
+    delay_rank: int | None = None
+    delay_s: float = 0.0
+
+    # ------------------------------------------------------------------------------------------
+    def phases(self) -> list[tuple[str, int]]:
+        """The schedule as a list of (phase, epochs), phase in {"serial", "parallel"}."""
+        return parse_schedule(self.resolved_schedule())
+
+    def resolved_schedule(self) -> str:
+        if self.schedule:
+            return self.schedule
+        epochs = 3 if self.epochs is None else self.epochs
+        if self.method == "serial":
+            return f"serial:{epochs}"
+        tail = max(1, round(epochs / 4))
+        par = epochs - 1 - tail
+        if par < 1:
+            raise ConfigError(
+                f"--epochs {epochs} is too few for the default layer-parallel schedule "
+                "serial:1,parallel:P,serial:S (needs at least 3); give --schedule explicitly")
+        return f"serial:1,parallel:{par},serial:{tail}"
+
+    def total_epochs(self) -> int:
+        return sum(n for _, n in self.phases())
+
+    def validate(self) -> "Config":
+        """Check every option; raise ConfigError with a precise message. Returns self."""
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ConfigError(msg)
+
+        need(self.method in METHODS, f"--method {self.method!r} is not one of {', '.join(METHODS)}")
+        need(self.lr_schedule in LR_SCHEDULES,
+             f"--lr-schedule {self.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
+        need(self.augment in AUGMENTS, f"--augment {self.augment!r} is not one of {', '.join(AUGMENTS)}")
+        need(self.aux_dtype in AUX_DTYPES, f"--aux-dtype {self.aux_dtype!r} is not one of {', '.join(AUX_DTYPES)}")
+        need(self.al_order in AL_ORDERS, f"--al-order {self.al_order!r} is not one of {', '.join(AL_ORDERS)}")
+        need(self.transport in TRANSPORTS, f"--transport {self.transport!r} is not one of {', '.join(TRANSPORTS)}")
+        need(self.serial_on in SERIAL_ON, f"--serial-on {self.serial_on!r} is not one of {', '.join(SERIAL_ON)}")
+        need(self.balance in BALANCE, f"--balance {self.balance!r} is not one of {', '.join(BALANCE)}")
+        need(self.cifar100_labels in ("fine", "coarse"),
+             f"--cifar100-labels {self.cifar100_labels!r} is not one of fine, coarse")
+        need(self.epochs is None or self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
+        need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        need(self.eval_batch_size >= 1, f"--eval-batch-size must be >= 1, got {self.eval_batch_size}")
+        need(self.lr > 0, f"--lr must be > 0, got {self.lr}")
+        need(0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}")
+        need(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
+        need(self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
+        need(0 < self.lr_decay <= 1, f"--lr-decay must be in (0, 1], got {self.lr_decay}")
+        need(0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        need(self.subset is None or self.subset >= 1, f"--subset must be >= 1, got {self.subset}")
+        need(self.test_subset is None or self.test_subset >= 1,
+             f"--test-subset must be >= 1, got {self.test_subset}")
+        need(self.stages >= 1, f"--stages must be >= 1, got {self.stages}")
+        need(self.ds in (1, 2, 4, 8), f"--ds must be one of 1, 2, 4, 8, got {self.ds}")
+        need(self.beta is None or self.beta > 0, f"--beta must be > 0, got {self.beta}")
+        need(self.beta_c > 0, f"--beta-c must be > 0, got {self.beta_c}")
+        need(0 < self.gamma <= 1, f"--gamma must be in (0, 1], got {self.gamma}")
+        need(self.window >= 1, f"--window must be >= 1, got {self.window}")
+        need(self.kappa_iters >= 0, f"--kappa-iters must be >= 0, got {self.kappa_iters}")
+        need(self.bn_recalib_batches >= 0, f"--bn-recalib-batches must be >= 0, got {self.bn_recalib_batches}")
+        need(self.timeout_s > 0, f"--timeout-s must be > 0, got {self.timeout_s}")
+        need(self.threads is None or self.threads >= 1, f"--threads must be >= 1, got {self.threads}")
+        need(self.checkpoint_every >= 1, f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
+        phases = self.phases()
+        if self.schedule and self.epochs is not None and self.epochs != sum(n for _, n in phases):
+            raise ConfigError(f"--epochs {self.epochs} disagrees with --schedule {self.schedule!r} "
+                              f"({sum(n for _, n in phases)} epochs); give one of them")
+        has_par = any(p == "parallel" for p, _ in phases)
+        if self.method == "serial" and has_par:
+            raise ConfigError("--method serial cannot run a parallel phase; use --method penalty or al")
+        if has_par and self.stages < 2:
+            raise ConfigError(f"a parallel phase needs --stages >= 2, got {self.stages}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def parse_schedule(spec: str) -> list[tuple[str, int]]:
+    """``"serial:1,parallel:5,serial:2"`` -> [("serial", 1), ("parallel", 5), ("serial", 2)].
+
+    A group may be repeated: ``"(parallel:2,serial:1)x3"``.
+    """
+    spec = spec.replace(" ", "")
+    if not spec:
+        raise ConfigError("--schedule is empty; example: serial:1,parallel:5,serial:2")
+    out: list[tuple[str, int]] = []
+    for part in _split_top(spec):
+        if part.startswith("("):
+            close = part.rfind(")")
+            rep = part[close + 1:]
+            if close < 0 or not rep.startswith("x") or not rep[1:].isdigit() or int(rep[1:]) < 1:
+                raise ConfigError(f"bad schedule group {part!r}; write (parallel:2,serial:1)x3")
+            out.extend(parse_schedule(part[1:close]) * int(rep[1:]))
+            continue
+        name, _, num = part.partition(":")
+        if name not in ("serial", "parallel") or not num.isdigit() or int(num) < 1:
+            raise ConfigError(f"bad schedule entry {part!r} in {spec!r}; entries are serial:N or "
+                              "parallel:N with N >= 1, e.g. serial:1,parallel:5,serial:2")
+        out.append((name, int(num)))
+    return out
+
+
+def _split_top(spec: str) -> list[str]:
+    parts, depth, cur = [], 0, ""
+    for ch in spec:
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+            continue
+        depth += (ch == "(") - (ch == ")")
+        cur += ch
+    parts.append(cur)
+    if any(not p for p in parts):
+        raise ConfigError(f"bad schedule {spec!r}: empty entry")
+    return parts
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    """Read a YAML (.yaml/.yml) or TOML (.toml) file of option keys (dashes or underscores)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config {path}: no such file")
+    try:
+        if path.endswith(".toml"):
+            import tomllib
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        elif path.endswith((".yaml", ".yml")):
+            import yaml
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        else:
+            raise ConfigError(f"--config {path}: unknown extension; use .yaml, .yml or .toml")
+    except ConfigError:
+        raise
+    except Exception as e:  # parse errors of either format
+        raise ConfigError(f"--config {path}: cannot parse: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of options, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(Config)}
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise ConfigError(f"--config {path}: unknown option {key!r}")
+        out[name] = value
+    return out
+
+
+def make_config(file_values: dict[str, Any] | None = None, **overrides: Any) -> Config:
+    """Build a validated Config from file values overridden by explicit keyword values."""
+    values = dict(file_values or {})
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name: f for f in dataclasses.fields(Config)}
+    for k in values:
+        if k not in known:
+            raise ConfigError(f"unknown option {k!r}")
+    try:
+        cfg = Config(**values)
+    except TypeError as e:
+        raise ConfigError(str(e)) from None
+    _coerce_types(cfg)
+    return cfg.validate()
+
+
+def _coerce_types(cfg: Config) -> None:
+    """Config files may give numbers as strings or ints as floats; normalise the obvious cases."""
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if v is None:
+            continue
+        t = str(f.type)
+        try:
+            if t.startswith("int"):
+                if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
+                    raise ValueError
+                setattr(cfg, f.name, int(v))
+            elif t.startswith("float"):
+                setattr(cfg, f.name, float(v))
+            elif t == "bool" and not isinstance(v, bool):
+                raise ValueError
+            elif t.startswith("list[float]"):
+                if isinstance(v, str):
+                    v = [x for x in v.split(",") if x]
+                setattr(cfg, f.name, [float(x) for x in v])
+        except (TypeError, ValueError):
+            raise ConfigError(f"option {f.name}: expected {t}, got {v!r}") from None

@@ -1,0 +1,595 @@
+"""HybridTrainer: the serial-parallel hybrid schedule (ALGORITHM.md §6) in one process.
+
+Phases run in order (``serial:1,parallel:5,serial:2``): serial epochs train the assembled network
+with back-propagation and augmentation; parallel epochs train the K stages on their local losses
+through :class:`~layerpar_fast.worker.StageWorker` objects over an in-process transport. One
+learning-rate schedule spans all epochs. Every epoch ends with an evaluation by the true serial
+forward pass (after BatchNorm recalibration when the epoch was parallel), a JSONL record and an
+atomic checkpoint, so a run can be resumed at any epoch boundary, mid-schedule included.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import __version__, ops
+from .auxstore import TensorAuxStore
+from .config import Config, ConfigError
+from .data import BatchLoader, Dataset, load_dataset, normalize
+from .filters import FilterPair, FilterError
+from .metrics import JsonlWriter, atomic_write_json, environment, speedup_model
+from .models import build_model, cut_points
+from .monitors import cosine, estimate_kappa, frozen_bn_stats, param_norm
+from .staging import parse_cuts, split_model
+from .transport import LocalHub
+from .worker import StageWorker, WorkerSettings
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def _log_default(msg: str) -> None:
+    print(msg, flush=True)
+
+
+@dataclass
+class PhaseState:
+    """What a parallel phase fixed when it started (kept in checkpoints to resume mid-phase)."""
+
+    index: int
+    kappas: list[float]
+    betas: list[float]
+    lr_caps: list[float]
+
+
+class HybridTrainer:
+    """Train a staged ResNet with the SPH schedule of ``cfg`` (see Config for every option)."""
+
+    def __init__(self, cfg: Config, out_dir: str | None = None, *, data: Dataset | None = None,
+                 model: nn.Sequential | None = None, cuts: list[int] | None = None,
+                 log: Callable[[str], None] = _log_default, resume: bool = False) -> None:
+        self.cfg = cfg
+        self.log = log
+        self.device = _pick_device(cfg)
+        threads = cfg.threads or max(1, (os.cpu_count() or 1) // max(1, self._local_workers()))
+        torch.set_num_threads(threads)
+        self.threads = threads
+        self.out_dir = out_dir
+        self.data = data if data is not None else load_dataset(
+            cfg.dataset, cfg.data_dir, subset=cfg.subset, test_subset=cfg.test_subset,
+            cifar100_labels=cfg.cifar100_labels)
+        ds = self.data
+        torch.manual_seed(cfg.seed)
+        if model is None:
+            model = build_model(cfg.model, num_classes=ds.num_classes, in_channels=ds.in_channels,
+                                image_size=ds.x_train.shape[-1])
+        self.model = model.to(self.device)
+        if cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.input_shape = tuple(ds.x_train.shape[1:])
+        self.filt = FilterPair(cfg.ds, cfg.filter)
+        k = cfg.stages
+        if cuts is None:
+            cuts = parse_cuts(cfg.cuts, self.model, k, self.input_shape, balance=cfg.balance,
+                              sample_input=None) if k > 1 else []
+        self.cuts = list(cuts)
+        self.stages = split_model(self.model, self.cuts) if self.cuts else [self.model]
+        shapes = {c.index: c.shape for c in cut_points(self.model, self.input_shape)}
+        self.cut_shapes = [shapes[c] for c in self.cuts]
+        if any(p == "parallel" for p, _ in cfg.phases()):
+            for c, shp in zip(self.cuts, self.cut_shapes):
+                self.filt.check_shape(shp, where=f"cut {c}")
+        self.optimizers = [self._make_optimizer(s) for s in self.stages]
+        self.steps_per_epoch = math.ceil(ds.num_train / cfg.batch_size)
+        self.total_epochs = cfg.total_epochs()
+        self.total_steps = self.total_epochs * self.steps_per_epoch
+        self.aug = _augment_kind(cfg.augment, ds)
+        self.train_loader = BatchLoader(ds.x_train, ds.y_train, cfg.batch_size, ds.mean, ds.std,
+                                        shuffle=True, augment=self.aug, seed=cfg.seed, device=self.device,
+                                        channels_last=cfg.channels_last)
+        self.plain_loader = BatchLoader(ds.x_train, ds.y_train, cfg.batch_size, ds.mean, ds.std,
+                                        shuffle=True, augment=None, seed=cfg.seed, device=self.device,
+                                        channels_last=cfg.channels_last)
+        self.test_loader = BatchLoader(ds.x_test, ds.y_test, cfg.eval_batch_size, ds.mean, ds.std,
+                                       shuffle=False, augment=None, seed=cfg.seed, device=self.device,
+                                       channels_last=cfg.channels_last)
+        self.epoch = 0
+        self.records: list[dict[str, Any]] = []
+        self.phase_state: PhaseState | None = None
+        self.stores: dict[str, list[Any]] | None = None
+        self.wall_offset = 0.0
+        self._resumed_aux: dict[str, Any] | None = None
+        if resume:
+            self._load_checkpoint()
+
+    # ------------------------------------------------------------------------------------ setup
+    def _local_workers(self) -> int:
+        return 1
+
+    def _make_optimizer(self, module: nn.Module) -> torch.optim.Optimizer:
+        cfg = self.cfg
+        decay, no_decay = [], []
+        for p in module.parameters():
+            (no_decay if (p.ndim <= 1 and not cfg.wd_bn) else decay).append(p)
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
+                               nesterov=cfg.nesterov and cfg.momentum > 0)
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate at global step ``step`` (warm-up, then cosine/multistep/constant)."""
+        cfg = self.cfg
+        warm = int(round(cfg.warmup_epochs * self.steps_per_epoch))
+        if step < warm:
+            return cfg.lr * (step + 1) / warm
+        if cfg.lr_schedule == "constant":
+            return cfg.lr
+        if cfg.lr_schedule == "cosine":
+            span = max(1, self.total_steps - warm)
+            return 0.5 * cfg.lr * (1.0 + math.cos(math.pi * min(step - warm, span) / span))
+        epoch = step / self.steps_per_epoch
+        marks = [m * self.total_epochs if m < 1 else m for m in cfg.milestones]
+        return cfg.lr * cfg.lr_decay ** sum(epoch >= m for m in marks)
+
+    def _set_lr(self, lr: float) -> None:
+        for opt in self.optimizers:
+            for g in opt.param_groups:
+                g["lr"] = lr
+
+    def epoch_plan(self) -> list[tuple[int, str, int, int]]:
+        """[(phase_index, phase, epoch_in_phase, phase_length)] for every epoch of the schedule."""
+        plan = []
+        for i, (name, n) in enumerate(self.cfg.phases()):
+            plan.extend((i, name, j, n) for j in range(n))
+        return plan
+
+    # ------------------------------------------------------------------------------------ run
+    def run(self) -> dict[str, Any]:
+        """Train through the whole schedule (from the resumed epoch) and return the summary."""
+        cfg = self.cfg
+        writer = JsonlWriter(os.path.join(self.out_dir, "metrics.jsonl"), self.records) if self.out_dir else None
+        if self.out_dir and self.epoch == 0:
+            atomic_write_json(os.path.join(self.out_dir, "config.json"), cfg.to_dict())
+        t_start = time.perf_counter() - self.wall_offset
+        plan = self.epoch_plan()
+        self.log(f"layerpar_fast {__version__}: {cfg.model} on {self.data.name} "
+                 f"({self.data.num_train} train / {self.data.num_test} test), method {cfg.method}, "
+                 f"schedule {cfg.resolved_schedule()}, {self.total_epochs} epochs, "
+                 f"{len(self.stages)} stage(s) cuts {self.cuts}, device {self.device}, {self.threads} thread(s)")
+        while self.epoch < len(plan):
+            pidx, phase, j, n = plan[self.epoch]
+            t0 = time.perf_counter()
+            if phase == "serial":
+                self.stores = None
+                rec = self._serial_epoch(self.epoch)
+            else:
+                if j == 0 or self.stores is None:
+                    self._enter_parallel(pidx, self.epoch)
+                rec = self._parallel_epoch(self.epoch)
+            rec.update(self._evaluate_epoch(phase))
+            rec["epoch_time_s"] = time.perf_counter() - t0
+            rec["wall_time_s"] = time.perf_counter() - t_start
+            self.records.append(rec)
+            if writer:
+                writer.write(rec)
+            self.log(_summary_line(rec, self.total_epochs))
+            self.epoch += 1
+            if phase == "parallel" and j == n - 1:
+                self.stores = None
+                self.phase_state = None
+            if self.out_dir and (self.epoch % cfg.checkpoint_every == 0 or self.epoch == len(plan)):
+                self.wall_offset = time.perf_counter() - t_start
+                self.save_checkpoint()
+        summary = self._summary(time.perf_counter() - t_start)
+        if self.out_dir:
+            torch.save(self.model.state_dict(), os.path.join(self.out_dir, "final_model.pt"))
+            atomic_write_json(os.path.join(self.out_dir, "summary.json"), summary)
+        return summary
+
+    # ------------------------------------------------------------------------------------ serial
+    def _serial_epoch(self, epoch: int) -> dict[str, Any]:
+        cfg = self.cfg
+        self.model.train()
+        loader = self.train_loader
+        loader.set_epoch(epoch)
+        bar = _bar(len(loader), f"epoch {epoch + 1}/{self.total_epochs} serial", cfg.progress)
+        loss_sum, correct, seen = 0.0, 0, 0
+        t_data = t_comp = 0.0
+        step0 = epoch * self.steps_per_epoch
+        t_prev = time.perf_counter()
+        for t, (idx, x, y) in enumerate(loader):
+            t1 = time.perf_counter()
+            t_data += t1 - t_prev
+            lr = self.lr_at(step0 + t)
+            self._set_lr(lr)
+            out = self.model(x)
+            loss = F.cross_entropy(out, y, label_smoothing=cfg.label_smoothing)
+            for opt in self.optimizers:
+                opt.zero_grad(set_to_none=True)
+            loss.backward()
+            for opt in self.optimizers:
+                opt.step()
+            b = len(y)
+            loss_sum += float(loss.detach()) * b
+            correct += int((out.detach().argmax(1) == y).sum())
+            seen += b
+            t_prev = time.perf_counter()
+            t_comp += t_prev - t1
+            _bar_update(bar, loss_sum / seen, correct / seen, seen, t_data + t_comp)
+        _bar_close(bar)
+        return {"epoch": epoch + 1, "phase": "serial", "lr": lr, "train_loss": loss_sum / seen,
+                "train_acc": correct / seen, "data_s": t_data, "compute_s": t_comp}
+
+    # ------------------------------------------------------------------------------------ parallel
+    def _store_dtype_bytes(self) -> int:
+        return {"fp32": 4, "bf16": 2, "fp16": 2}[self.cfg.aux_dtype]
+
+    def _make_stores(self) -> dict[str, list[Any]]:
+        cfg, n = self.cfg, self.data.num_train
+        k = len(self.stages)
+        coarse = [self.filt.coarse_shape(s) for s in self.cut_shapes]
+        dev = self.device
+
+        def store(shape: tuple[int, ...]) -> TensorAuxStore:
+            return TensorAuxStore(n, shape, cfg.aux_dtype, device=dev, compute_device=dev)
+
+        stores: dict[str, list[Any]] = {
+            "input": [None] + [store(coarse[i]) for i in range(k - 1)],
+            "target": [store(coarse[i]) for i in range(k - 1)] + [None],
+            "mult": [store(coarse[i]) if cfg.method == "al" else None for i in range(k - 1)] + [None],
+        }
+        total = sum(s.memory_bytes() for lst in stores.values() for s in lst if s is not None)
+        self.log(f"auxiliary stores: {total / 2**20:.1f} MiB in {cfg.aux_dtype} "
+                 f"(cuts {[tuple(c) for c in coarse]} coarse, s={cfg.ds}, {n} samples)")
+        self.aux_bytes = total
+        return stores
+
+    def _input_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        ds, dev, cl = self.data, self.device, self.cfg.channels_last
+
+        def fn(idx: torch.Tensor) -> torch.Tensor:
+            x = normalize(ds.x_train[idx], ds.mean, ds.std).to(dev, non_blocking=True)
+            return x.contiguous(memory_format=torch.channels_last) if cl else x
+
+        return fn
+
+    def _workers(self, settings: list[WorkerSettings]) -> list[StageWorker]:
+        hub = LocalHub(len(self.stages))
+        st = self.stores
+        return [StageWorker(k, len(self.stages), self.stages[k], self.optimizers[k], hub.endpoint(k),
+                            settings[k], self.filt, self.data.x_train, self.data.y_train,
+                            self._input_fn() if k == 0 else None, st["input"][k], st["target"][k],
+                            st["mult"][k], self.device)
+                for k in range(len(self.stages))]
+
+    def _settings(self) -> list[WorkerSettings]:
+        cfg, ps = self.cfg, self.phase_state
+        return [WorkerSettings(method=cfg.method, order=cfg.al_order if cfg.method == "al" else "jacobi",
+                               beta=ps.betas[k], gamma=cfg.gamma, window=cfg.window, lr_cap=ps.lr_caps[k],
+                               channels_last=cfg.channels_last, label_smoothing=cfg.label_smoothing)
+                for k in range(len(self.stages))]
+
+    def _enter_parallel(self, pidx: int, epoch: int) -> None:
+        """(Re-)initialise λ̃ by a forward pass and u/μ = 0; measure κ_k; fix β_k and lr caps."""
+        cfg = self.cfg
+        if self._resumed_aux is not None and self._resumed_aux["phase"] == pidx:
+            self.stores = self._make_stores()
+            for name, lst in self.stores.items():
+                for k, s in enumerate(lst):
+                    if s is not None:
+                        s.load_state_dict(self._resumed_aux["stores"][name][k])
+            self._resumed_aux = None
+            return
+        self.stores = self._make_stores()
+        batches = self.plain_loader.batches(epoch)
+        lr_now = self.lr_at(epoch * self.steps_per_epoch)
+        # κ_k on the first batch, on true activations of the current network
+        kappas, betas, caps = [], [], []
+        x = self._input_fn()(batches[0])
+        z = x
+        for k, stage in enumerate(self.stages):
+            if k == len(self.stages) - 1:
+                kappas.append(float("nan"))
+                betas.append(float("nan"))
+                caps.append(math.inf)
+                break
+            kap = estimate_kappa(stage, z, self.filt, iters=cfg.kappa_iters, seed=cfg.seed)
+            if cfg.beta is not None:
+                beta = cfg.beta
+            elif cfg.method == "al" and cfg.al_order == "gs":
+                beta = cfg.beta_c / (lr_now * kap) if kap > 0 and math.isfinite(kap) else 1.0
+            else:
+                beta = 10.0
+            cap = 1.0 / (beta * kap) if kap > 0 and math.isfinite(kap) else math.inf
+            if cap < lr_now:
+                self.log(f"warning: stage {k}: lr {lr_now:.4g} x beta {beta:.4g} x kappa {kap:.4g} = "
+                         f"{lr_now * beta * kap:.3g} > 1; capping this stage's lr at {cap:.4g} (ALGORITHM.md §3)")
+            kappas.append(kap)
+            betas.append(beta)
+            caps.append(cap)
+            with torch.no_grad(), frozen_bn_stats(stage):
+                z = self.filt.up(self.filt.down(stage(z)))
+        self.phase_state = PhaseState(pidx, kappas, betas, caps)
+        self.log("parallel phase: " + ", ".join(
+            f"stage {k}: kappa={kap:.4g} beta={b:.4g} lr*beta*kappa={lr_now * b * kap:.3g}"
+            for k, (kap, b) in enumerate(zip(kappas[:-1], betas[:-1]))))
+        # initial fill, pipelined stage by stage in the first parallel epoch's batch order
+        workers = self._workers(self._settings())
+        bar = _bar(len(batches), f"epoch {epoch + 1}/{self.total_epochs} init λ", cfg.progress)
+        with frozen_bn_stats(self.model):
+            for w in workers:
+                w.begin_epoch(epoch, batches, self.lr_at, init=True)
+            for t in range(len(batches)):
+                for w in workers:
+                    w.init_step(t)
+                _bar_step(bar)
+            for w in workers:
+                w.end_init()
+        _bar_close(bar)
+
+    def _parallel_epoch(self, epoch: int) -> dict[str, Any]:
+        cfg = self.cfg
+        batches = self.plain_loader.batches(epoch)
+        workers = self._workers(self._settings())
+        step0 = epoch * self.steps_per_epoch
+        for w in workers:
+            w.begin_epoch(epoch, batches, lambda t: self.lr_at(step0 + t))
+        bar = _bar(len(batches), f"epoch {epoch + 1}/{self.total_epochs} parallel", cfg.progress)
+        seen = 0
+        for t in range(len(batches)):
+            for w in workers:
+                w.step(t)
+            seen += len(batches[t])
+            last = workers[-1].stats
+            _bar_update(bar, last.loss_sum / last.samples, last.correct / last.samples, seen,
+                        sum(w.stats.compute_s + w.stats.data_s for w in workers))
+        _bar_close(bar)
+        stats = [w.end_epoch() for w in workers]
+        return self._parallel_record(epoch, stats, [w.tp for w in workers])
+
+    def _parallel_record(self, epoch: int, stats: list[Any], transports: list[Any]) -> dict[str, Any]:
+        cfg, ps = self.cfg, self.phase_state
+        k = len(self.stages)
+        lr = self.lr_at((epoch + 1) * self.steps_per_epoch - 1)
+        per_stage = [s.as_dict(i, i == k - 1) for i, s in enumerate(stats)]
+        for i, d in enumerate(per_stage):
+            d["theta_norm"] = param_norm(self.stages[i])
+            if i < k - 1:
+                d["kappa"] = ps.kappas[i]
+                d["beta"] = ps.betas[i]
+                d["lr_beta_kappa"] = min(lr, ps.lr_caps[i]) * ps.betas[i] * ps.kappas[i]
+        n = self.data.num_train
+        in_bytes = self._store_dtype_bytes()
+        coarse = [self.filt.coarse_shape(s) for s in self.cut_shapes]
+        cut_bytes = [n * math.prod(c) * (in_bytes + 4) for c in coarse]
+        full_bytes = [n * math.prod(s) * (in_bytes + 4) for s in self.cut_shapes]
+        compute = [s.compute_s for s in stats]
+        t_data = stats[0].data_s
+        t_lambda = max(s.update_s for s in stats)
+        t_comm = max(s.wait_s for s in stats)
+        rho = speedup_model(t_data, sum(compute), compute, t_lambda, t_comm)
+        last = stats[-1]
+        rec = {
+            "epoch": epoch + 1, "phase": "parallel", "lr": lr,
+            "train_loss": last.loss_sum / max(last.samples, 1),
+            "train_acc": last.correct / max(last.samples, 1),
+            "stages": per_stage,
+            "local_losses": [d["local_loss"] for d in per_stage],
+            "violation": [d["violation"] for d in per_stage[:-1]],
+            "stage_compute_s": compute,
+            "bytes_per_cut": cut_bytes,
+            "bytes_per_cut_full_resolution": full_bytes,
+            "aux_memory_bytes": getattr(self, "aux_bytes", 0),
+            "speedup_model": {"T_d": t_data, "T_fb_serial_est": sum(compute), "max_stage": max(compute),
+                              "t_lambda": t_lambda, "t_comm_exposed": t_comm, "rho_pred": rho},
+            "transport": [tp.counters() for tp in transports],
+        }
+        rec["probe_cosine"] = self._probe_cosines()
+        return rec
+
+    def _probe_cosines(self) -> list[float]:
+        """Cosine between each stage's local gradient and the true back-propagated gradient on a
+        fixed probe batch (train mode, BN statistics restored, parameters untouched)."""
+        if self.stores is None or len(self.stages) < 2:
+            return []
+        n = min(self.cfg.batch_size, self.data.num_train)
+        idx = torch.arange(n)
+        x = self._input_fn()(idx)
+        y = self.data.y_train[idx].to(self.device)
+        params = [list(s.parameters()) for s in self.stages]
+        out = []
+        with frozen_bn_stats(self.model):
+            self.model.train()
+            loss = F.cross_entropy(self.model(x), y)
+            true = torch.autograd.grad(loss, [p for ps in params for p in ps], allow_unused=True)
+            offs = 0
+            true_per = []
+            for ps in params:
+                true_per.append(list(true[offs:offs + len(ps)]))
+                offs += len(ps)
+            form = "gs" if (self.cfg.method == "al" and self.cfg.al_order == "gs") else "jacobi"
+            for k, stage in enumerate(self.stages[:-1]):
+                z = x if k == 0 else self.stores["input"][k].stage_input(idx, self.filt, self.cfg.channels_last)
+                mult = self.stores["mult"][k].gather(idx) if self.stores["mult"][k] is not None else None
+                loss_k, _ = ops.local_loss(stage(z), self.stores["target"][k].gather(idx), mult,
+                                           self.phase_state.betas[k], form, self.filt)
+                local = torch.autograd.grad(loss_k, params[k], allow_unused=True)
+                out.append(cosine(list(local), true_per[k]))
+        return out
+
+    # ------------------------------------------------------------------------------------ evaluation
+    def recalibrate_bn(self, epoch: int) -> None:
+        """Re-estimate BatchNorm running statistics of stages 1..K-1 (0-based) on true activations:
+        serial forward passes in train mode without gradients; stage 0's statistics are kept."""
+        mods = [m for s in self.stages[1:] for m in s.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if not mods or self.cfg.bn_recalib_batches == 0:
+            return
+        saved_m = [m.momentum for m in mods]
+        for m in mods:
+            m.reset_running_stats()
+            m.momentum = None
+        batches = self.plain_loader.batches(epoch)[: self.cfg.bn_recalib_batches]
+        fn = self._input_fn()
+        self.model.train()
+        with torch.no_grad(), frozen_bn_stats(self.stages[0]):
+            for idx in batches:
+                self.model(fn(idx))
+        for m, mom in zip(mods, saved_m):
+            m.momentum = mom
+
+    @torch.no_grad()
+    def evaluate(self, ds_forward: bool = False) -> tuple[float, float]:
+        """(test loss, test accuracy) of the assembled network in eval mode; ``ds_forward``
+        inserts U∘D at every cut (the network the parallel phase actually trained)."""
+        self.model.eval()
+        loss_sum, correct, n = 0.0, 0, 0
+        for _, x, y in self.test_loader:
+            if ds_forward:
+                h = x
+                for k, stage in enumerate(self.stages):
+                    h = stage(h)
+                    if k < len(self.stages) - 1:
+                        h = self.filt.up(self.filt.down(h))
+                out = h
+            else:
+                out = self.model(x)
+            loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
+            correct += int((out.argmax(1) == y).sum())
+            n += len(y)
+        self.model.train()
+        return loss_sum / n, correct / n
+
+    def _evaluate_epoch(self, phase: str) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        if phase == "parallel":
+            self.recalibrate_bn(self.epoch)
+        loss, acc = self.evaluate()
+        rec = {"test_loss": loss, "test_acc": acc}
+        if phase == "parallel" and self.cfg.ds > 1:
+            rec["ds_test_loss"], rec["ds_test_acc"] = self.evaluate(ds_forward=True)
+        rec["eval_time_s"] = time.perf_counter() - t0
+        return rec
+
+    # ------------------------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> None:
+        """Atomically write RUN_DIR/checkpoint.pt (model, optimizers, records, phase state, and the
+        auxiliary stores when stopping inside a parallel phase)."""
+        state: dict[str, Any] = {
+            "version": __version__,
+            "config": self.cfg.to_dict(),
+            "epoch": self.epoch,
+            "cuts": self.cuts,
+            "model": self.model.state_dict(),
+            "optimizers": [o.state_dict() for o in self.optimizers],
+            "records": self.records,
+            "wall_offset": self.wall_offset,
+            "phase_state": None if self.phase_state is None else vars(self.phase_state),
+            "aux": None,
+        }
+        if self.stores is not None and self.phase_state is not None:
+            state["aux"] = {"phase": self.phase_state.index,
+                            "stores": {name: [None if s is None else s.state_dict() for s in lst]
+                                       for name, lst in self.stores.items()}}
+        path = os.path.join(self.out_dir, CHECKPOINT)
+        tmp = f"{path}.tmp{os.getpid()}"
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+
+    def _load_checkpoint(self) -> None:
+        path = os.path.join(self.out_dir, CHECKPOINT)
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=False)
+        except FileNotFoundError:
+            raise ConfigError(f"--resume {self.out_dir}: no {CHECKPOINT} there") from None
+        except Exception as e:
+            raise ConfigError(f"--resume {self.out_dir}: cannot read {CHECKPOINT}: {e}") from None
+        if state.get("cuts") != self.cuts:
+            raise ConfigError(f"--resume: checkpoint cuts {state.get('cuts')} differ from {self.cuts}")
+        self.model.load_state_dict(state["model"])
+        for opt, s in zip(self.optimizers, state["optimizers"]):
+            opt.load_state_dict(s)
+        self.epoch = state["epoch"]
+        self.records = state["records"]
+        self.wall_offset = state["wall_offset"]
+        ps = state.get("phase_state")
+        self.phase_state = PhaseState(**ps) if ps else None
+        self._resumed_aux = state.get("aux")
+        self.log(f"resumed {self.out_dir} after epoch {self.epoch}/{self.total_epochs}")
+
+    def _summary(self, wall: float) -> dict[str, Any]:
+        accs = [r["test_acc"] for r in self.records]
+        final = self.records[-1] if self.records else {}
+        return {
+            "final_test_acc": final.get("test_acc"),
+            "best_test_acc": max(accs) if accs else None,
+            "final_test_loss": final.get("test_loss"),
+            "epochs": len(self.records),
+            "wall_time_s": wall,
+            "time_per_epoch_s": {p: _mean([r["epoch_time_s"] for r in self.records if r["phase"] == p])
+                                 for p in ("serial", "parallel")},
+            "config": self.cfg.to_dict(),
+            "cuts": self.cuts,
+            "cut_shapes": self.cut_shapes,
+            "dataset": {"name": self.data.name, "train": self.data.num_train, "test": self.data.num_test},
+            "versions": {"layerpar_fast": __version__, **environment()},
+        }
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def _pick_device(cfg: Config) -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _augment_kind(augment: str, ds: Dataset) -> str | None:
+    if augment == "none":
+        return None
+    if augment != "auto":
+        return augment
+    return "crop_flip" if ds.in_channels == 3 else None
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def _summary_line(rec: dict[str, Any], total: int) -> str:
+    s = (f"epoch {rec['epoch']:>3}/{total} {rec['phase']:<8} lr {rec['lr']:.4f}  "
+         f"train loss {rec['train_loss']:.4f} acc {100 * rec['train_acc']:.2f}%  "
+         f"test loss {rec['test_loss']:.4f} acc {100 * rec['test_acc']:.2f}%")
+    if "ds_test_acc" in rec:
+        s += f" (DS fwd {100 * rec['ds_test_acc']:.2f}%)"
+    if "violation" in rec:
+        s += "  viol " + ",".join(f"{v:.3f}" for v in rec["violation"])
+    return s + f"  [{rec['epoch_time_s']:.1f}s]"
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, mininterval=0.5)
+
+
+def _bar_update(bar, loss: float, acc: float, seen: int, seconds: float) -> None:
+    if bar is None:
+        return
+    bar.update(1)
+    bar.set_postfix(loss=f"{loss:.4f}", acc=f"{100 * acc:.2f}%",
+                    img_s=f"{seen / seconds:.0f}" if seconds > 0 else "-", refresh=False)
+
+
+def _bar_step(bar) -> None:
+    if bar is not None:
+        bar.update(1)
+
+
+def _bar_close(bar) -> None:
+    if bar is not None:
+        bar.close()

@@ -1,0 +1,280 @@
+"""One stage's share of a parallel epoch (ALGORITHM.md §3-§5).
+
+A :class:`StageWorker` owns stage k (0-based ``rank`` here), its optimizer and its auxiliary
+stores, and talks to its neighbours only through a :class:`~layerpar_fast.transport.Transport`.
+The same code runs in one process (all workers stepped in lockstep over a local transport) and
+with one process per stage (a torch.distributed transport); both give identical parameters,
+because every store update produced in epoch e for batch B_t is applied only after the receiver
+has read B_t in epoch e (rows of different batches are disjoint within an epoch).
+
+Stores of worker k:
+* ``input_store`` (k > 0): λ̃_{k-1}, the coarse input rows (filled by "in" messages);
+* ``target_store`` (k < K-1): λ̃_k, the targets of the local loss;
+* ``mult_store`` (k < K-1, AL): u_k (Jacobi order, scaled) or μ_k (Gauss-Seidel order, unscaled).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import ops
+from .profiling import nvtx_range
+from .auxstore import AuxStore
+from .filters import FilterPair
+from .transport import Transport, TransportError
+
+
+@dataclass
+class WorkerSettings:
+    """The numerical knobs of one stage's parallel phase."""
+
+    method: str              # "penalty" | "al"
+    order: str               # "gs" | "jacobi" (penalty always uses jacobi)
+    beta: float              # β_k (unused by the last stage)
+    gamma: float             # λ-step weight (Jacobi)
+    window: int              # W: max steps ahead of awaited neighbour messages
+    lr_cap: float = math.inf # stage learning-rate cap (ALGORITHM.md §3)
+    channels_last: bool = False
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class EpochStats:
+    """What one worker measured during one parallel epoch."""
+
+    loss_sum: float = 0.0
+    samples: int = 0
+    correct: int = 0                  # last stage only (training accuracy on auxiliary inputs)
+    drift_num: float = 0.0            # Σ‖a − λ̃‖²  (k < K-1)
+    drift_den: float = 0.0            # Σ‖λ̃‖²
+    step_num: float = 0.0             # Σ‖λ̃⁺ − λ̃‖² (Jacobi λ-step size)
+    compute_s: float = 0.0            # forward + loss + backward + optimizer step
+    data_s: float = 0.0               # reading inputs/targets
+    update_s: float = 0.0             # applying messages to stores (λ/u updates)
+    wait_s: float = 0.0               # blocked on neighbour messages
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self, rank: int, last: bool) -> dict:
+        d = {
+            "stage": rank,
+            "local_loss": self.loss_sum / max(self.samples, 1),
+            "compute_s": self.compute_s,
+            "data_s": self.data_s,
+            "update_s": self.update_s,
+            "wait_s": self.wait_s,
+        }
+        if last:
+            d["train_acc_aux"] = self.correct / max(self.samples, 1)
+        else:
+            d["violation"] = math.sqrt(self.drift_num / self.drift_den) if self.drift_den > 0 else float("nan")
+            if self.step_num > 0:
+                d["rel_lambda_step"] = math.sqrt(self.step_num / self.drift_den) if self.drift_den > 0 else float("nan")
+        return d
+
+
+class StageWorker:
+    """Stage ``rank`` of ``world`` in the parallel phase."""
+
+    def __init__(self, rank: int, world: int, module: nn.Module, optimizer: torch.optim.Optimizer,
+                 transport: Transport, settings: WorkerSettings, filt: FilterPair,
+                 x_train: torch.Tensor | None, y_train: torch.Tensor | None,
+                 input_fn: Callable[[torch.Tensor], torch.Tensor] | None,
+                 input_store: AuxStore | None, target_store: AuxStore | None,
+                 mult_store: AuxStore | None, device: torch.device) -> None:
+        self.rank, self.world = rank, world
+        self.first, self.last = rank == 0, rank == world - 1
+        self.module, self.opt, self.tp = module, optimizer, transport
+        self.cfg, self.filt, self.device = settings, filt, device
+        self.y_train = y_train
+        self.input_fn = input_fn          # first stage: idx -> normalised images on device
+        self.input_store, self.target_store, self.mult_store = input_store, target_store, mult_store
+        self.form = "gs" if (settings.method == "al" and settings.order == "gs") else "jacobi"
+        if not self.first and input_store is None:
+            raise ValueError(f"stage {rank} needs an input store")
+        if not self.last and target_store is None:
+            raise ValueError(f"stage {rank} needs a target store")
+        if not self.last and settings.method == "al" and mult_store is None:
+            raise ValueError(f"stage {rank} (AL) needs a multiplier store")
+        self.batches: list[torch.Tensor] = []
+        self.epoch = -1
+        self.done = -1                         # last step whose batch has been read
+        self._deferred: list[tuple[str, int, torch.Tensor]] = []
+        self._pending_a: dict[int, torch.Tensor] = {}
+        self._recv_upto = {"in": -1, "g": -1}  # highest step received per incoming tag
+        self.stats = EpochStats()
+
+    # ---------------------------------------------------------------------------------------
+    def begin_epoch(self, epoch: int, batches: list[torch.Tensor], lr: Callable[[int], float],
+                    init: bool = False) -> None:
+        """Start epoch ``epoch`` over ``batches`` (index tensors); ``lr(step)`` is the scheduled lr.
+        ``init=True`` starts the initial fill pass instead (only "in" messages flow)."""
+        self.epoch, self.batches, self.lr = epoch, batches, lr
+        self.done = -1
+        self._deferred.clear()
+        self._pending_a.clear()
+        self._recv_upto = {"in": -1, "g": -1}
+        self.stats = EpochStats()
+        self.module.train()
+        self._announce(init)
+
+    def _announce(self, init: bool) -> None:
+        if not self.first:
+            shp, dt = self.input_store.row_shape, self.input_store.dtype
+            self.tp.expect(self.rank - 1, "in", [(t, (len(b), *shp), dt) for t, b in enumerate(self.batches)])
+        if not self.last and not init:
+            g_dtype = torch.float32
+            shp = self.target_store.row_shape
+            self.tp.expect(self.rank + 1, "g", [(t, (len(b), *shp), g_dtype) for t, b in enumerate(self.batches)])
+
+    # ---------------------------------------------------------------------------------------
+    def step(self, t: int) -> None:
+        """Train on batch t: read, forward, local loss, backward, optimizer step, send messages."""
+        if t != self.done + 1:
+            raise RuntimeError(f"stage {self.rank}: step {t} out of order (last was {self.done})")
+        w = self.cfg.window
+        if t - w >= 0:                       # bounded run-ahead (window W)
+            if not self.last:
+                self._wait("g", self.rank + 1, t - w)
+            if not self.first:
+                self._wait("in", self.rank - 1, t - w)
+        self._drain_ready()
+        idx = self.batches[t]
+
+        t0 = time.perf_counter()
+        if self.first:
+            z = self.input_fn(idx)
+        else:
+            z = self.input_store.stage_input(idx, self.filt, self.cfg.channels_last).requires_grad_(True)
+        if not self.last:
+            target = self.target_store.gather(idx)
+            mult = self.mult_store.gather(idx) if self.mult_store is not None else None
+        t1 = time.perf_counter()
+        self.stats.data_s += t1 - t0
+
+        lr = min(self.lr(t), self.cfg.lr_cap)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        with nvtx_range(f"stage{self.rank}/forward"):
+            o = self.module(z)
+        b = len(idx)
+        if self.last:
+            y = self.y_train[idx].to(self.device, non_blocking=True)
+            loss = F.cross_entropy(o, y, label_smoothing=self.cfg.label_smoothing)
+            self.stats.correct += int((o.detach().argmax(1) == y).sum())
+            a = None
+        else:
+            with nvtx_range(f"stage{self.rank}/local_loss"):
+                loss, a = ops.local_loss(o, target, mult, self.cfg.beta, self.form, self.filt)
+            tgt = target.float()
+            self.stats.drift_num += float((a - tgt).pow(2).sum())
+            self.stats.drift_den += float(tgt.pow(2).sum())
+            if self.form == "gs":           # Gauss-Seidel: send a_k right after the forward
+                self.tp.send(self.rank + 1, "in", t, a.to(self.target_store.dtype))
+        self.opt.zero_grad(set_to_none=True)
+        with nvtx_range(f"stage{self.rank}/backward"):
+            loss.backward()
+        self.opt.step()
+        self.stats.loss_sum += float(loss.detach()) * b
+        self.stats.samples += b
+        if not self.first:
+            g = ops.coarse_input_grad(z.grad, self.filt)
+            self.tp.send(self.rank - 1, "g", t, g)
+        t2 = time.perf_counter()
+        self.stats.compute_s += t2 - t1
+
+        self.done = t
+        if not self.last:
+            if self.form == "gs":           # own target λ̃_k ← a_k (after this step's read)
+                self.target_store.scatter_(idx, a)
+            else:
+                self._pending_a[t] = a
+        self._drain_ready()
+        self.stats.update_s += time.perf_counter() - t2
+
+    def end_epoch(self) -> EpochStats:
+        """Drain: receive and apply every outstanding message of this epoch, then flush sends."""
+        last = len(self.batches) - 1
+        if not self.last:
+            self._wait("g", self.rank + 1, last)
+        if not self.first:
+            self._wait("in", self.rank - 1, last)
+        self._drain_ready()
+        if self._deferred or self._pending_a:
+            raise TransportError(f"stage {self.rank}: {len(self._deferred)} messages and "
+                                 f"{len(self._pending_a)} pending a_k left after the epoch drain")
+        self.tp.flush()
+        return self.stats
+
+    # ---------------------------------------------------------------------------------------
+    def init_step(self, t: int) -> None:
+        """Initial fill (§5): forward batch t in train mode (batch statistics) without gradients,
+        store λ̃_k = D(F_k(z)) and send it to the next stage. BatchNorm running statistics are
+        restored by the caller."""
+        if not self.first:
+            self._wait("in", self.rank - 1, t)
+            self._drain_ready(upto=t)        # the input rows of batch t must be there now
+        idx = self.batches[t]
+        with torch.no_grad():
+            z = self.input_fn(idx) if self.first else self.input_store.stage_input(idx, self.filt, self.cfg.channels_last)
+            o = self.module(z)
+            if not self.last:
+                a = self.filt.down(o.float())
+                self.target_store.scatter_(idx, a)
+                self.tp.send(self.rank + 1, "in", t, a.to(self.target_store.dtype))
+        self.done = t
+
+    def end_init(self) -> None:
+        if not self.first:
+            self._wait("in", self.rank - 1, len(self.batches) - 1)
+            self._drain_ready()
+        self.tp.flush()
+
+    # ---------------------------------------------------------------------------------------
+    def _wait(self, tag: str, src: int, step: int) -> None:
+        if self._recv_upto[tag] >= step:
+            return
+        t0 = time.perf_counter()
+        msgs = self.tp.wait(src, tag, step)
+        self.stats.wait_s += time.perf_counter() - t0
+        self._accept(tag, msgs)
+
+    def _accept(self, tag: str, msgs: list[tuple[int, torch.Tensor]]) -> None:
+        for step, tensor in msgs:
+            self._deferred.append((tag, step, tensor))
+            self._recv_upto[tag] = max(self._recv_upto[tag], step)
+
+    def _drain_ready(self, upto: int | None = None) -> None:
+        """Poll the transport and apply every message whose batch this worker has already read."""
+        if not self.first:
+            self._accept("in", self.tp.poll(self.rank - 1, "in"))
+        if not self.last:
+            self._accept("g", self.tp.poll(self.rank + 1, "g"))
+        limit = self.done if upto is None else upto
+        keep = []
+        for tag, step, tensor in self._deferred:
+            if step <= limit:
+                self._apply(tag, step, tensor)
+            else:
+                keep.append((tag, step, tensor))
+        self._deferred = keep
+
+    def _apply(self, tag: str, step: int, tensor: torch.Tensor) -> None:
+        idx = self.batches[step]
+        if tag == "in":
+            self.input_store.scatter_(idx, tensor)
+            return
+        # tag == "g": the back-propagated signal for this worker's cut
+        if self.form == "gs":
+            self.mult_store.scatter_(idx, tensor)          # μ_k ← g_k
+            return
+        a = self._pending_a.pop(step)
+        before = self.target_store.gather(idx).float()
+        new = self.target_store.jacobi_update_(self.mult_store, idx, a, tensor, self.cfg.beta, self.cfg.gamma)
+        self.stats.step_num += float((new.float() - before).pow(2).sum())
+        self.tp.send(self.rank + 1, "in", step, new)

@@ -1,0 +1,13 @@
+import os
+
+import pytest
+import torch
+
+# CI has 2 cores; tests that spawn processes set their own thread counts.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
