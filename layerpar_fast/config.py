@@ -149,8 +149,6 @@ class Config:
         has_par = any(p == "parallel" for p, _ in phases)
         if self.method == "serial" and has_par:
             raise ConfigError("--method serial cannot run a parallel phase; use --method penalty or al")
-        if has_par and self.stages < 2:
-            raise ConfigError(f"a parallel phase needs --stages >= 2, got {self.stages}")
         return self
 
     def to_dict(self) -> dict[str, Any]:

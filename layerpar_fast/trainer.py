@@ -85,6 +85,9 @@ class HybridTrainer:
         if any(p == "parallel" for p, _ in cfg.phases()):
             for c, shp in zip(self.cuts, self.cut_shapes):
                 self.filt.check_shape(shp, where=f"cut {c}")
+        if len(self.stages) == 1 and any(p == "parallel" for p, _ in cfg.phases()):
+            self.log("warning: a parallel phase with one stage is plain back-propagation without "
+                     "augmentation; use --stages K (K >= 2) for layer-parallel training")
         self.optimizers = [self._make_optimizer(s) for s in self.stages]
         self.steps_per_epoch = math.ceil(ds.num_train / cfg.batch_size)
         self.total_epochs = cfg.total_epochs()

@@ -1,0 +1,71 @@
+import pytest
+
+from layerpar_fast.config import Config, ConfigError, load_config_file, make_config, parse_schedule
+
+
+def test_parse_schedule_plain_and_groups():
+    assert parse_schedule("serial:1,parallel:5,serial:2") == [("serial", 1), ("parallel", 5), ("serial", 2)]
+    assert parse_schedule("serial:1,(parallel:2,serial:1)x2") == [
+        ("serial", 1), ("parallel", 2), ("serial", 1), ("parallel", 2), ("serial", 1)]
+
+
+@pytest.mark.parametrize("bad", ["", "serial", "serial:0", "paralel:2", "serial:1,,serial:2", "(serial:1)x0",
+                                 "(serial:1"])
+def test_parse_schedule_rejects(bad):
+    with pytest.raises(ConfigError):
+        parse_schedule(bad)
+
+
+def test_default_schedules():
+    assert make_config(method="serial", epochs=3).phases() == [("serial", 3)]
+    assert make_config(method="al", epochs=8, stages=2).resolved_schedule() == "serial:1,parallel:5,serial:2"
+    with pytest.raises(ConfigError, match="too few"):
+        make_config(method="al", epochs=2, stages=2)
+
+
+@pytest.mark.parametrize("kw, msg", [
+    ({"epochs": -1}, "--epochs"),
+    ({"batch_size": 0}, "--batch-size"),
+    ({"lr": 0}, "--lr"),
+    ({"method": "admm"}, "--method"),
+    ({"beta": 0.0}, "--beta"),
+    ({"gamma": 1.5}, "--gamma"),
+    ({"gamma": 0.0}, "--gamma"),
+    ({"aux_dtype": "int8"}, "--aux-dtype"),
+    ({"ds": 3}, "--ds"),
+    ({"window": 0}, "--window"),
+    ({"method": "serial", "schedule": "serial:1,parallel:2"}, "cannot run a parallel phase"),
+    ({"schedule": "serial:3", "epochs": 4}, "disagrees"),
+])
+def test_invalid_options(kw, msg):
+    with pytest.raises(ConfigError, match=msg):
+        make_config(**kw)
+
+
+def test_config_files(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("batch-size: 64\nlr: '0.1'\nmethod: al\nstages: 2\nschedule: serial:1,parallel:2,serial:1\n")
+    cfg = make_config(load_config_file(str(y)), lr=0.2)
+    assert cfg.batch_size == 64 and cfg.lr == 0.2 and cfg.method == "al"
+    t = tmp_path / "c.toml"
+    t.write_text('batch_size = 32\nmodel = "resnet20"\nmilestones = [0.3, 0.6]\n')
+    cfg = make_config(load_config_file(str(t)))
+    assert cfg.batch_size == 32 and cfg.model == "resnet20" and cfg.milestones == [0.3, 0.6]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("bogus_option: 1\n")
+    with pytest.raises(ConfigError, match="unknown option 'bogus_option'"):
+        load_config_file(str(bad))
+    broken = tmp_path / "broken.toml"
+    broken.write_text("x = = 1")
+    with pytest.raises(ConfigError, match="cannot parse"):
+        load_config_file(str(broken))
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config_file(str(tmp_path / "missing.yaml"))
+    wrong = tmp_path / "w.yaml"
+    wrong.write_text("batch_size: 1.5\n")
+    with pytest.raises(ConfigError, match="batch_size"):
+        make_config(load_config_file(str(wrong)))
+
+
+def test_defaults_are_valid():
+    Config().validate()
