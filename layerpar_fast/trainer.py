@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from . import __version__, ops
 from .auxstore import TensorAuxStore
 from .config import Config, ConfigError
-from .data import BatchLoader, Dataset, load_dataset, normalize
+from .data import BatchLoader, Dataset, load_dataset
 from .filters import FilterPair, FilterError
 from .metrics import JsonlWriter, atomic_write_json, environment, speedup_model
 from .models import build_model, cut_points
@@ -157,6 +157,8 @@ class HybridTrainer:
     def run(self) -> dict[str, Any]:
         """Train through the whole schedule (from the resumed epoch) and return the summary."""
         cfg = self.cfg
+        if self.out_dir:
+            os.makedirs(self.out_dir, exist_ok=True)
         writer = JsonlWriter(os.path.join(self.out_dir, "metrics.jsonl"), self.records) if self.out_dir else None
         if self.out_dir and self.epoch == 0:
             atomic_write_json(os.path.join(self.out_dir, "config.json"), cfg.to_dict())
@@ -255,11 +257,11 @@ class HybridTrainer:
         return stores
 
     def _input_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        ds, dev, cl = self.data, self.device, self.cfg.channels_last
+        """idx -> normalised, un-augmented training images on the device (stage 0's input)."""
+        loader = self.plain_loader
 
         def fn(idx: torch.Tensor) -> torch.Tensor:
-            x = normalize(ds.x_train[idx], ds.mean, ds.std).to(dev, non_blocking=True)
-            return x.contiguous(memory_format=torch.channels_last) if cl else x
+            return loader.load(idx)[1]
 
         return fn
 

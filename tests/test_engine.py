@@ -1,0 +1,203 @@
+"""The in-process layer-parallel engine: K=1 reduction, message semantics, stores, resume."""
+import random
+
+import pytest
+import torch
+import torch.nn as nn
+
+from layerpar_fast.config import make_config
+from layerpar_fast.data import Dataset
+from layerpar_fast.filters import FilterError
+from layerpar_fast.models import BasicBlock, ClassifierHead
+from layerpar_fast.staging import StagingError
+from layerpar_fast.trainer import HybridTrainer
+from layerpar_fast.transport import TransportError
+
+
+def tiny_data(n=48, m=16, classes=4, seed=0, size=8):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n + m, 3, size, size), generator=g, dtype=torch.uint8)
+    y = torch.randint(0, classes, (n + m,), generator=g)
+    xf = x.float() / 255
+    return Dataset(name="tiny", x_train=x[:n].contiguous(), y_train=y[:n], x_test=x[n:].contiguous(),
+                   y_test=y[n:], num_classes=classes,
+                   mean=tuple(xf[:n].mean((0, 2, 3)).tolist()), std=tuple(xf[:n].std((0, 2, 3)).tolist()))
+
+
+def tiny_model(seed=0, width=4, classes=4):
+    torch.manual_seed(seed)
+    stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+    return nn.Sequential(stem, BasicBlock(width, width), BasicBlock(width, width), BasicBlock(width, width),
+                         ClassifierHead(width, classes))
+
+
+def trainer(tmp_path=None, cuts=(2, 3), size=8, **kw):
+    base = dict(method="al", stages=len(cuts) + 1, ds=2, batch_size=16, eval_batch_size=16, lr=0.05,
+                schedule="parallel:2", progress=False, kappa_iters=3, bn_recalib_batches=2, augment="none",
+                threads=1)
+    base.update(kw)
+    cfg = make_config(**base)
+    return HybridTrainer(cfg, None if tmp_path is None else str(tmp_path), data=tiny_data(size=size),
+                         model=tiny_model(), cuts=list(cuts), log=lambda m: None)
+
+
+def params(model):
+    return [p.detach().clone() for p in model.state_dict().values()]
+
+
+def assert_same(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+def test_one_stage_engine_is_back_propagation():
+    par = trainer(cuts=(), schedule="parallel:2", method="al")
+    par.run()
+    ser = trainer(cuts=(), schedule="serial:2", method="serial")
+    ser.run()
+    assert_same(params(par.model), params(ser.model))
+
+
+def _run_epoch(tr, epoch, order):
+    """Run one parallel epoch with stage steps executed in an order chosen by ``order``."""
+    batches = tr.plain_loader.batches(epoch)
+    workers = tr._workers(tr._settings())
+    for w in workers:
+        w.begin_epoch(epoch, batches, tr.lr_at)
+    nxt = [0] * len(workers)
+    while any(n < len(batches) for n in nxt):
+        live = [k for k, n in enumerate(nxt) if n < len(batches)]
+        for k in order(live):
+            try:
+                workers[k].step(nxt[k])
+            except TransportError:
+                continue
+            nxt[k] += 1
+            break
+        else:
+            raise AssertionError("no stage could make progress")
+    pending = list(range(len(workers)))
+    while pending:
+        for k in order(pending):
+            try:
+                workers[k].end_epoch()
+            except TransportError:
+                continue
+            pending.remove(k)
+            break
+        else:
+            raise AssertionError("no stage could drain")
+
+
+@pytest.mark.parametrize("method, order", [("al", "gs"), ("al", "jacobi"), ("penalty", "jacobi")])
+@pytest.mark.parametrize("window", [1, 3])
+def test_message_timing_does_not_change_the_result(method, order, window):
+    """Stages stepped in lockstep and in random interleavings (any order the window allows)
+    end with identical parameters and stores (ALGORITHM.md §5 determinism)."""
+    results = []
+    for sched in ("lockstep", "random", "reverse"):
+        tr = trainer(method=method, al_order=order, window=window)
+        tr._enter_parallel(0, 0)
+        rng = random.Random(1)
+        pick = {"lockstep": lambda live: sorted(live),
+                "random": lambda live: rng.sample(live, len(live)),
+                "reverse": lambda live: sorted(live, reverse=True)}[sched]
+        for e in range(2):
+            _run_epoch(tr, e, pick)
+        stores = [s.table.clone() for lst in tr.stores.values() for s in lst if s is not None]
+        results.append((params(tr.model), stores))
+    for other in results[1:]:
+        assert_same(results[0][0], other[0])
+        assert_same(results[0][1], other[1])
+
+
+@pytest.mark.parametrize("method, order", [("al", "gs"), ("al", "jacobi"), ("penalty", "jacobi")])
+def test_input_store_mirrors_target_store(method, order):
+    """After each epoch, stage k+1's input store holds exactly stage k's λ̃_k."""
+    tr = trainer(method=method, al_order=order)
+    tr._enter_parallel(0, 0)
+    for k in range(len(tr.stages) - 1):
+        assert torch.equal(tr.stores["target"][k].table, tr.stores["input"][k + 1].table)
+    tr._parallel_epoch(0)
+    for k in range(len(tr.stages) - 1):
+        assert torch.equal(tr.stores["target"][k].table, tr.stores["input"][k + 1].table)
+    if method == "al" and order == "gs":
+        assert all(float(tr.stores["mult"][k].table.abs().sum()) > 0 for k in range(len(tr.stages) - 1))
+
+
+def test_initial_fill_is_the_ds_forward_and_keeps_bn_stats():
+    tr = trainer(method="al", ds=2)
+    bn_before = {k: v.clone() for k, v in tr.model.state_dict().items() if "running" in k}
+    tr._enter_parallel(0, 0)
+    for k, v in tr.model.state_dict().items():
+        if "running" in k:
+            assert torch.equal(v, bn_before[k]), k
+    # λ̃_0 of the first batch = D(stage0(x)) in train mode on that same batch
+    idx = tr.plain_loader.batches(0)[0]
+    x = tr._input_fn()(idx)
+    from layerpar_fast.monitors import frozen_bn_stats
+    with torch.no_grad(), frozen_bn_stats(tr.model):
+        tr.model.train()
+        a0 = tr.filt.down(tr.stages[0](x))
+    torch.testing.assert_close(tr.stores["target"][0].gather(idx), a0)
+    assert float(tr.stores["mult"][0].table.abs().sum()) == 0.0
+
+
+def test_parallel_record_has_the_monitors():
+    tr = trainer(method="al", schedule="serial:1,parallel:1", ds=2)
+    tr.run()
+    rec = tr.records[-1]
+    assert rec["phase"] == "parallel"
+    for key in ("local_losses", "violation", "bytes_per_cut", "stage_compute_s", "speedup_model",
+                "probe_cosine", "ds_test_acc", "aux_memory_bytes"):
+        assert key in rec, key
+    assert len(rec["violation"]) == 2 and len(rec["bytes_per_cut"]) == 2
+    st = rec["stages"][0]
+    assert st["kappa"] > 0 and st["beta"] > 0 and st["theta_norm"] > 0
+    assert abs(st["lr_beta_kappa"] - 0.6 * rec["lr"] / tr.lr_at(tr.steps_per_epoch)) < 1e-6
+    # coarse bytes: s=2 on a 4x8x8 cut -> 4*4*4 numbers per sample, fp32 "in" + fp32 "g"
+    assert rec["bytes_per_cut"][0] == 48 * 64 * 8
+    assert rec["bytes_per_cut_full_resolution"][0] == 4 * rec["bytes_per_cut"][0]
+    assert rec["speedup_model"]["rho_pred"] > 1.0
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_low_precision_stores_run(dtype):
+    tr = trainer(method="al", aux_dtype=dtype)
+    tr.run()
+    assert tr.stores is None  # dropped after the phase
+    assert all(torch.isfinite(p).all() for p in params(tr.model))
+
+
+def test_resume_inside_a_parallel_phase(tmp_path):
+    full = trainer(tmp_path / "full", schedule="serial:1,parallel:3,serial:1")
+    full.run()
+
+    class Kill(Exception):
+        pass
+
+    def killer(msg):
+        if msg.startswith("epoch   3/"):
+            raise Kill
+
+    cut = trainer(tmp_path / "cut", schedule="serial:1,parallel:3,serial:1")
+    cut.log = killer
+    with pytest.raises(Kill):
+        cut.run()
+    ck = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    assert ck["epoch"] == 2 and ck["aux"] is not None        # stopped inside the parallel phase
+    cfg = cut.cfg
+    resumed = HybridTrainer(cfg, str(tmp_path / "cut"), data=tiny_data(), model=tiny_model(),
+                            cuts=[2, 3], log=lambda m: None, resume=True)
+    assert resumed.epoch == 2
+    resumed.run()
+    assert_same(params(full.model), params(resumed.model))
+    assert [r["test_acc"] for r in full.records] == [r["test_acc"] for r in resumed.records]
+
+
+def test_bad_configurations_fail_before_training():
+    with pytest.raises(FilterError, match="does not divide"):
+        trainer(ds=8, size=12)
+    with pytest.raises(StagingError):
+        trainer(cuts=(1, 2, 3, 4, 5, 6), method="al")
