@@ -24,7 +24,8 @@ def _extensions():
         return [], {}
     cu = sorted(glob.glob(os.path.join("csrc", "*.cu")))
     use_cuda = bool(cu) and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    # No -std flag: torch's BuildExtension adds the standard its headers need (C++20 for torch 2.13).
+    cxx = ["-O3", "-fopenmp"]
     define = [("LAYERPAR_WITH_CUDA", "1")] if use_cuda else []
     if use_cuda:
         ext = cpp_extension.CUDAExtension(
