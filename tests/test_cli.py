@@ -1,0 +1,133 @@
+"""Command line: a real run, its files, plotting, resume after SIGKILL, clean errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from layerpar_fast.cli import main
+
+QUICK = ["--subset", "256", "--test-subset", "128", "--batch-size", "64", "--no-progress", "--threads", "1"]
+
+
+def _env():
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def test_train_writes_the_run_directory(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *QUICK, "--epochs", "2", "--out", str(out)]) == 0
+    for name in ("metrics.jsonl", "summary.json", "final_model.pt", "checkpoint.pt", "config.json"):
+        assert (out / name).is_file(), name
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in recs] == [1, 2]
+    for key in ("epoch", "phase", "lr", "train_loss", "test_loss", "test_acc", "epoch_time_s"):
+        assert key in recs[0]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final_test_acc"] == recs[-1]["test_acc"]
+    assert summary["best_test_acc"] == max(r["test_acc"] for r in recs)
+    assert summary["config"]["epochs"] == 2 and "torch" in summary["versions"]
+    assert "final test accuracy" in capsys.readouterr().out
+    # the same run directory again is refused (it would overwrite a run)
+    assert main(["train", *QUICK, "--epochs", "1", "--out", str(out)]) == 2
+    assert "--resume" in capsys.readouterr().err
+    # plotting it
+    png = tmp_path / "plot.png"
+    assert main(["plot", str(out), str(out), "--labels", "a,b", "-o", str(png)]) == 0
+    assert png.stat().st_size > 10_000
+
+
+def test_config_file_and_layer_parallel_run(tmp_path):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('method = "al"\nstages = 2\nds = 2\nschedule = "serial:1,parallel:1"\n'
+                   'kappa-iters = 2\nbn-recalib-batches = 2\ntransport = "local"\n')
+    out = tmp_path / "lp"
+    assert main(["train", "--config", str(cfg), *QUICK, "--out", str(out)]) == 0
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in recs] == ["serial", "parallel"]
+    assert "ds_test_acc" in recs[1] and len(recs[1]["violation"]) == 1
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--model", "vgg16"], "unknown model"),
+    (["--model", "resnet7"], "6n+2"),
+    (["--dataset", "svhn"], "svhn"),
+    (["--epochs", "-3"], "--epochs"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--method", "admm"], "--method"),
+    (["--beta", "-1", "--method", "al", "--stages", "2", "--epochs", "4"], "--beta"),
+    (["--method", "al", "--stages", "40", "--epochs", "4", "--transport", "local"], "40"),
+    (["--method", "al", "--stages", "2", "--ds", "8", "--cuts", "5", "--epochs", "4", "--transport", "local"],
+     "does not divide"),
+])
+def test_bad_options_exit_2_with_one_message(tmp_path, capsys, args, msg):
+    assert main(["train", *QUICK, "--out", str(tmp_path / "r"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("layerpar: error:") and msg in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()
+
+
+def test_unwritable_run_dir(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["train", *QUICK, "--out", str(blocker / "run")]) == 2
+    assert "not writable" in capsys.readouterr().err
+
+
+def test_bad_options_in_a_subprocess_have_no_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "layerpar_fast", "train", "--model", "nope", "--out",
+                        str(tmp_path / "x")], capture_output=True, text=True, env=_env(), timeout=120)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr and "unknown model 'nope'" in r.stderr
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
+    args = [sys.executable, "-m", "layerpar_fast", "train", *QUICK, "--epochs", "3"]
+    ref = tmp_path / "ref"
+    subprocess.run([*args, "--out", str(ref)], check=True, capture_output=True, env=_env(), timeout=300)
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([*args, "--out", str(run)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=_env())
+    deadline = time.time() + 240
+    ck = run / "checkpoint.pt"
+    while time.time() < deadline and proc.poll() is None:
+        if ck.exists() and (run / "metrics.jsonl").read_text().count("\n") >= 1:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    if (run / "summary.json").exists():
+        pytest.skip("the run finished before it could be killed")
+    r = subprocess.run([*args[:4], "--resume", str(run), "--no-progress"], capture_output=True, text=True,
+                       env=_env(), timeout=300)
+    assert r.returncode == 0, r.stderr
+    a = torch.load(ref / "final_model.pt")
+    b = torch.load(run / "final_model.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ra = [json.loads(x)["test_acc"] for x in (ref / "metrics.jsonl").read_text().splitlines()]
+    rb = [json.loads(x)["test_acc"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert ra == rb
+
+
+def test_resume_errors(tmp_path, capsys):
+    assert main(["train", "--resume", str(tmp_path / "nothing")]) == 2
+    assert "no such directory" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["train", "--resume", str(tmp_path / "empty")]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+
+
+def test_info(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "torch:" in out and "gloo:" in out and "ops:" in out
