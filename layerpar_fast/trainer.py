@@ -27,7 +27,7 @@ from .filters import FilterPair, FilterError
 from .metrics import JsonlWriter, atomic_write_json, environment, speedup_model
 from .models import build_model, cut_points
 from .monitors import cosine, estimate_kappa, frozen_bn_stats, param_norm
-from .staging import parse_cuts, split_model
+from .staging import StagedModel, as_block_sequence, parse_cuts, split_model
 from .transport import LocalHub
 from .worker import StageWorker, WorkerSettings
 
@@ -49,10 +49,17 @@ class PhaseState:
 
 
 class HybridTrainer:
-    """Train a staged ResNet with the SPH schedule of ``cfg`` (see Config for every option)."""
+    """Train a staged ResNet with the SPH schedule of ``cfg`` (see Config for every option).
+
+    ``model``: None (build ``cfg.model``), an ``nn.Sequential`` of blocks (cut at ``cfg.cuts``
+    or balanced), or a list of K stage modules (cut at their boundaries). ``data``: a
+    :class:`~layerpar_fast.data.Dataset` (default: ``load_dataset(cfg.dataset, ...)``).
+    ``out_dir``: run directory for metrics, checkpoints and the final model (None: keep nothing).
+    """
 
     def __init__(self, cfg: Config, out_dir: str | None = None, *, data: Dataset | None = None,
-                 model: nn.Sequential | None = None, cuts: list[int] | None = None,
+                 model: nn.Sequential | list[nn.Module] | StagedModel | None = None,
+                 cuts: list[int] | None = None,
                  log: Callable[[str], None] = _log_default, resume: bool = False) -> None:
         self.cfg = cfg
         self.log = log
@@ -69,15 +76,15 @@ class HybridTrainer:
         if model is None:
             model = build_model(cfg.model, num_classes=ds.num_classes, in_channels=ds.in_channels,
                                 image_size=ds.x_train.shape[-1])
-        self.model = model.to(self.device)
+        staged = as_block_sequence(model)
+        self.model = staged.blocks.to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.input_shape = tuple(ds.x_train.shape[1:])
         self.filt = FilterPair(cfg.ds, cfg.filter)
         k = cfg.stages
         if cuts is None:
-            cuts = parse_cuts(cfg.cuts, self.model, k, self.input_shape, balance=cfg.balance,
-                              sample_input=None) if k > 1 else []
+            cuts = parse_cuts(cfg.cuts, staged, k, self.input_shape, balance=cfg.balance) if k > 1 else []
         self.cuts = list(cuts)
         self.stages = split_model(self.model, self.cuts) if self.cuts else [self.model]
         shapes = {c.index: c.shape for c in cut_points(self.model, self.input_shape)}

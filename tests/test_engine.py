@@ -201,3 +201,18 @@ def test_bad_configurations_fail_before_training():
         trainer(ds=8, size=12)
     with pytest.raises(StagingError):
         trainer(cuts=(1, 2, 3, 4, 5, 6), method="al")
+
+
+def test_backend_api_accepts_a_list_of_stage_modules():
+    """Another trainer hands us its own stages: the cuts are their boundaries."""
+    import layerpar_fast as lp
+    m = tiny_model()
+    stages = [nn.Sequential(m[0], m[1]), nn.Sequential(m[2], m[3]), m[4]]
+    cfg = lp.make_config(method="penalty", stages=3, ds=2, batch_size=16, schedule="parallel:1",
+                         progress=False, kappa_iters=2, bn_recalib_batches=1, augment="none", threads=1)
+    tr = lp.HybridTrainer(cfg, data=tiny_data(), model=stages, log=lambda m: None)
+    assert tr.cuts == [1, 2]                      # each given stage is one block
+    assert tr.stages[1][0] is stages[1]
+    before = m[2].conv1.weight.detach().clone()
+    tr.run()
+    assert not torch.equal(before, m[2].conv1.weight)
