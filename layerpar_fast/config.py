@@ -23,6 +23,7 @@ AL_ORDERS = ("gs", "jacobi")
 TRANSPORTS = ("auto", "local", "dist")
 SERIAL_ON = ("all", "one")
 BALANCE = ("time", "flops")
+PHASES = ("serial", "parallel", "idle")
 
 
 @dataclass
@@ -82,7 +83,7 @@ class Config:
 
     # ------------------------------------------------------------------------------------------
     def phases(self) -> list[tuple[str, int]]:
-        """The schedule as a list of (phase, epochs), phase in {"serial", "parallel"}."""
+        """The schedule as a list of (phase, epochs), phase in {"serial", "parallel", "idle"}."""
         return parse_schedule(self.resolved_schedule())
 
     def resolved_schedule(self) -> str:
@@ -158,7 +159,8 @@ class Config:
 def parse_schedule(spec: str) -> list[tuple[str, int]]:
     """``"serial:1,parallel:5,serial:2"`` -> [("serial", 1), ("parallel", 5), ("serial", 2)].
 
-    A group may be repeated: ``"(parallel:2,serial:1)x3"``.
+    A group may be repeated: ``"(parallel:2,serial:1)x3"``. ``idle:N`` spends N epochs of the
+    learning-rate schedule without training (the tail-only control of ALGORITHM.md §6).
     """
     spec = spec.replace(" ", "")
     if not spec:
@@ -173,9 +175,9 @@ def parse_schedule(spec: str) -> list[tuple[str, int]]:
             out.extend(parse_schedule(part[1:close]) * int(rep[1:]))
             continue
         name, _, num = part.partition(":")
-        if name not in ("serial", "parallel") or not num.isdigit() or int(num) < 1:
-            raise ConfigError(f"bad schedule entry {part!r} in {spec!r}; entries are serial:N or "
-                              "parallel:N with N >= 1, e.g. serial:1,parallel:5,serial:2")
+        if name not in PHASES or not num.isdigit() or int(num) < 1:
+            raise ConfigError(f"bad schedule entry {part!r} in {spec!r}; entries are serial:N, "
+                              "parallel:N or idle:N with N >= 1, e.g. serial:1,parallel:5,serial:2")
         out.append((name, int(num)))
     return out
 

@@ -181,6 +181,9 @@ class HybridTrainer:
             if phase == "serial":
                 self.stores = None
                 rec = self._serial_epoch(self.epoch)
+            elif phase == "idle":
+                rec = {"epoch": self.epoch + 1, "phase": "idle", "train_loss": float("nan"),
+                       "train_acc": float("nan"), "lr": self.lr_at((self.epoch + 1) * self.steps_per_epoch - 1)}
             else:
                 if j == 0 or self.stores is None:
                     self._enter_parallel(pidx, self.epoch)
@@ -545,7 +548,7 @@ class HybridTrainer:
             "epochs": len(self.records),
             "wall_time_s": wall,
             "time_per_epoch_s": {p: _mean([r["epoch_time_s"] for r in self.records if r["phase"] == p])
-                                 for p in ("serial", "parallel")},
+                                 for p in ("serial", "parallel", "idle")},
             "config": self.cfg.to_dict(),
             "cuts": self.cuts,
             "cut_shapes": self.cut_shapes,

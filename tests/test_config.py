@@ -5,6 +5,7 @@ from layerpar_fast.config import Config, ConfigError, load_config_file, make_con
 
 def test_parse_schedule_plain_and_groups():
     assert parse_schedule("serial:1,parallel:5,serial:2") == [("serial", 1), ("parallel", 5), ("serial", 2)]
+    assert parse_schedule("idle:5,serial:2") == [("idle", 5), ("serial", 2)]
     assert parse_schedule("serial:1,(parallel:2,serial:1)x2") == [
         ("serial", 1), ("parallel", 2), ("serial", 1), ("parallel", 2), ("serial", 1)]
 

@@ -216,3 +216,16 @@ def test_backend_api_accepts_a_list_of_stage_modules():
     before = m[2].conv1.weight.detach().clone()
     tr.run()
     assert not torch.equal(before, m[2].conv1.weight)
+
+
+def test_tail_only_control_skips_epochs_but_keeps_the_schedule():
+    """idle:N spends N epochs of the lr schedule without touching the network."""
+    idle = trainer(method="serial", cuts=(), schedule="idle:2")
+    before = params(idle.model)
+    idle.run()
+    assert_same(before, params(idle.model))
+    tr = trainer(method="serial", cuts=(), schedule="idle:2,serial:1")
+    tr.run()
+    assert [r["phase"] for r in tr.records] == ["idle", "idle", "serial"]
+    assert tr.records[0]["test_acc"] == tr.records[1]["test_acc"]
+    assert tr.records[2]["lr"] < tr.records[0]["lr"]
