@@ -7,24 +7,51 @@ Public API (stable; the engine calls only these):
 * ``jacobi_update_(lam_store, u_store, idx, a, g, beta, gamma) -> new λ̃ rows``
 * ``gather_rows(store, idx)``, ``scatter_rows_(store, idx, rows)``
 * ``stage_input(store, idx, filt, channels_last=False) -> z``
-* ``backend_report() -> {op: backend}``
+* ``backend_report() -> {op: backend}``, ``requested_backend()``, ``available_backends()``,
+  ``describe()``, ``nvtx_range(name)``, :class:`StagingRing`, ``reset_backend_cache()``
 
 Backends: ``ref`` (objectives.py, always available), ``cpp`` (the C++ extension, CPU tensors),
-``triton`` (CUDA tensors). ``LAYERPAR_OPS={auto,ref,cpp,triton}`` forces a path; ``auto`` picks
-the fastest available for the tensor's device.
+``triton`` (CUDA tensors; CPU tensors too when ``TRITON_INTERPRET=1`` was set before the kernels
+were first imported). ``LAYERPAR_OPS={auto,ref,cpp,triton}`` (read at every call) forces a path:
+a forced path that cannot run raises :class:`BackendUnavailable` after a one-time warning.
+``auto`` takes triton for CUDA tensors and cpp for CPU tensors when available, else ref.
+
+Fused coverage: the local loss is fused for both filter kinds (it only involves D); the stage
+input and the coarse input gradient are fused for ``avg_nearest`` (and any kind at s = 1) and
+use the reference code for ``avg_bilinear``. Gather/scatter/λ-step do not depend on the filter.
+
+Rules shared by every backend: indices are 1-D int64/int32; an index outside [0, N) raises
+IndexError before any row changes; with repeated indices every occurrence reads the row as it
+was before the call and the store keeps the LAST occurrence's value (last write wins).
+Arithmetic is float32 whatever the storage dtype (float64 inputs of the C++ local loss are kept
+float64, for gradcheck).
 """
 from __future__ import annotations
 
 import os
+import warnings
+from contextlib import contextmanager
+from functools import lru_cache
+from types import ModuleType
+from typing import Any, Iterator
 
 import torch
+from torch.autograd.function import once_differentiable
 
+from . import _ext
 from . import objectives as ref
 from .filters import FilterPair
 
 BACKENDS = ("auto", "ref", "cpp", "triton")
+OPS = ("local_loss", "coarse_input_grad", "jacobi_update_", "gather_rows", "scatter_rows_", "stage_input")
+_STORE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+class BackendUnavailable(RuntimeError):
+    """``LAYERPAR_OPS`` forces a backend that cannot run these tensors here."""
+
+
+# ----------------------------------------------------------------------------------- dispatch
 def requested_backend() -> str:
     """The backend asked for through ``LAYERPAR_OPS`` (default ``auto``)."""
     want = os.environ.get("LAYERPAR_OPS", "auto").strip().lower() or "auto"
@@ -33,41 +60,462 @@ def requested_backend() -> str:
     return want
 
 
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, msg: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+@lru_cache(maxsize=1)
+def _triton_state() -> tuple[ModuleType | None, str]:
+    """(the kernels package, '') when Triton and the kernels import, else (None, reason)."""
+    try:
+        import triton  # noqa: F401
+
+        from . import kernels
+        from .kernels import k_coarse_grad, k_lambda_step, k_local_loss, k_upsample  # noqa: F401
+    except Exception as e:  # ImportError, or a Triton that fails while decorating the kernels
+        return None, f"{type(e).__name__}: {e}"
+    return kernels, ""
+
+
+def reset_backend_cache() -> None:
+    """Forget cached availability checks and one-time warnings (for tests)."""
+    _triton_state.cache_clear()
+    _pinned_available.cache_clear()
+    _warned.clear()
+    _ext.reset()
+
+
+def _cpp() -> Any:
+    mod = _ext.load()
+    assert mod is not None
+    return mod
+
+
+def _backend_for(device: torch.device) -> str:
+    """The backend that runs tensors on ``device`` under the current ``LAYERPAR_OPS``."""
+    want = requested_backend()
+    if want == "ref":
+        return "ref"
+    if want == "cpp":
+        if not _ext.available():
+            msg = f"LAYERPAR_OPS=cpp, but the C++ extension is {_ext.reason()}; {_ext.BUILD_HINT}"
+            _warn_once("forced-cpp", msg)
+            raise BackendUnavailable(msg)
+        if device.type != "cpu":
+            raise BackendUnavailable(f"LAYERPAR_OPS=cpp runs CPU tensors only, got a {device} tensor; "
+                                     "use auto or triton for GPU tensors")
+        return "cpp"
+    if want == "triton":
+        kernels, why = _triton_state()
+        if kernels is None:
+            msg = f"LAYERPAR_OPS=triton, but the Triton kernels do not import ({why})"
+            _warn_once("forced-triton", msg)
+            raise BackendUnavailable(msg)
+        if device.type == "cpu" and not kernels.INTERPRET:
+            msg = ("LAYERPAR_OPS=triton with CPU tensors needs TRITON_INTERPRET=1 set before "
+                   "layerpar_fast.kernels is first imported")
+            _warn_once("forced-triton-cpu", msg)
+            raise BackendUnavailable(msg)
+        if device.type not in ("cpu", "cuda"):
+            raise BackendUnavailable(f"LAYERPAR_OPS=triton cannot run {device} tensors")
+        return "triton"
+    if device.type == "cuda":
+        if _triton_state()[0] is not None:
+            return "triton"
+        _warn_once("auto-triton", "layerpar_fast: Triton kernels unavailable "
+                   f"({_triton_state()[1]}); CUDA ops use the reference torch code")
+        return "ref"
+    if device.type == "cpu" and _ext.available():
+        return "cpp"
+    return "ref"
+
+
+def available_backends() -> dict[str, bool]:
+    """Which backends can run here: ref always; cpp with the extension; triton with CUDA (or
+    with CPU tensors in the interpreter)."""
+    kernels = _triton_state()[0]
+    triton_ok = kernels is not None and (torch.cuda.is_available() or bool(kernels.INTERPRET))
+    return {"ref": True, "cpp": _ext.available(), "triton": triton_ok}
+
+
+def _kernel(name: str) -> Any:
+    """A Triton kernel module (already imported by the availability check)."""
+    import importlib
+
+    return importlib.import_module(f"layerpar_fast.kernels.{name}")
+
+
+# ----------------------------------------------------------------------------- index helpers
+def _check_index(idx: torch.Tensor, n: int, what: str) -> torch.Tensor:
+    """Validate a row index (1-D integer, every entry in [0, n)) and return it as int64; one host
+    synchronisation for GPU indices."""
+    if not isinstance(idx, torch.Tensor):
+        idx = torch.as_tensor(idx)
+    if idx.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{what}: the row index must be int64 or int32, got {idx.dtype}")
+    if idx.dim() != 1:
+        raise ValueError(f"{what}: the row index must be 1-D, got shape {tuple(idx.shape)}")
+    if idx.numel():
+        lo, hi = (int(v) for v in torch.stack(torch.aminmax(idx)).tolist())
+        if lo < 0 or hi >= n:
+            bad = lo if lo < 0 else hi
+            raise IndexError(f"{what}: index {bad} is out of range for a store of {n} rows "
+                             f"(valid: 0..{n - 1})")
+    return idx.long()
+
+
+def _last_positions(idx: torch.Tensor) -> torch.Tensor | None:
+    """Positions holding the last occurrence of each row, or None when no row repeats."""
+    if idx.numel() < 2:
+        return None
+    srt, perm = torch.sort(idx, stable=True)
+    keep = torch.ones_like(srt, dtype=torch.bool)
+    keep[:-1] = srt[1:] != srt[:-1]
+    if bool(keep.all()):
+        return None
+    return perm[keep]
+
+
+def _cpu_index(idx: torch.Tensor) -> torch.Tensor:
+    return idx if idx.device.type == "cpu" else idx.cpu()
+
+
+@lru_cache(maxsize=1)
+def _pinned_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def _contig_store(store: torch.Tensor) -> bool:
+    return store.is_contiguous() and store.dim() >= 1 and store.dtype in (*_STORE_DTYPES, torch.float64)
+
+
+# ---------------------------------------------------------------------------------- local loss
+def _is_cl(t: torch.Tensor) -> bool:
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _cpp_fwd(o: torch.Tensor, target: torch.Tensor, mult: torch.Tensor | None, beta: float, gs: bool,
+             s: int, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    loss, a, gc = _cpp().local_loss_fwd(o, target, mult, beta, gs, s, need_grad)
+    return loss, a, (gc if need_grad else None)
+
+
+def _cpp_bwd(gc: torch.Tensor, grad_loss: torch.Tensor, s: int, dtype: torch.dtype,
+             channels_last: bool) -> torch.Tensor:
+    scale = float(grad_loss) / float(s * s)
+    return _cpp().upsample_rows(gc, None, s, scale, dtype, channels_last)
+
+
+def _triton_fwd(o: torch.Tensor, target: torch.Tensor, mult: torch.Tensor | None, beta: float, gs: bool,
+                s: int, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    return _kernel("k_local_loss").local_loss_fwd(o, target, mult, beta, gs, s, need_grad)
+
+
+def _triton_bwd(gc: torch.Tensor, grad_loss: torch.Tensor, s: int, dtype: torch.dtype,
+                channels_last: bool) -> torch.Tensor:
+    return _kernel("k_upsample").upsample(gc, None, s, dtype, channels_last, scale=1.0 / (s * s),
+                                          scale_tensor=grad_loss.reshape(1).to(torch.float32))
+
+
+_IMPLS = {"cpp": (_cpp_fwd, _cpp_bwd), "triton": (_triton_fwd, _triton_bwd)}
+
+
+class _FusedLocalLoss(torch.autograd.Function):
+    """loss(o) with a = D(o) and ∂loss/∂a computed in the forward pass over o; the backward
+    expands the coarse gradient: grad_o = Dᵀ(∂loss/∂a)·grad_loss (target/mult are constants)."""
+
+    @staticmethod
+    def forward(ctx: Any, o: torch.Tensor, target: torch.Tensor, mult: torch.Tensor | None,  # type: ignore[override]
+                beta: float, gs: bool, s: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+        need_grad = bool(ctx.needs_input_grad[0])
+        loss, a, gc = _IMPLS[backend][0](o, target, mult, beta, gs, s, need_grad)
+        ctx.mark_non_differentiable(a)
+        ctx.gc = gc
+        ctx.meta = (s, o.dtype, _is_cl(o), backend)
+        return loss, a
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_loss: torch.Tensor, grad_a: torch.Tensor | None) -> tuple[Any, ...]:  # type: ignore[override]
+        s, dtype, channels_last, backend = ctx.meta
+        grad_o = _IMPLS[backend][1](ctx.gc, grad_loss, s, dtype, channels_last)
+        return grad_o, None, None, None, None, None, None
+
+
+def _check_loss_args(o: torch.Tensor, target: torch.Tensor, mult: torch.Tensor | None, form: str,
+                     filt: FilterPair) -> None:
+    if form not in ref.LOSS_FORMS:
+        raise ValueError(f"unknown loss form {form!r}; valid: {ref.LOSS_FORMS}")
+    if form == "gs" and mult is None:
+        raise ValueError("the Gauss-Seidel loss form needs the multiplier rows mu")
+    if o.dim() != 4:
+        raise ValueError(f"local_loss: o must be (B, C, H, W), got shape {tuple(o.shape)}")
+    s = filt.s
+    b, c, hh, ww = o.shape
+    want = (b, c, hh // s, ww // s)
+    if hh % s or ww % s or tuple(target.shape) != want:
+        raise ValueError(f"local_loss: target shape {tuple(target.shape)} does not match o {tuple(o.shape)} "
+                         f"with s={s} (expected {want})")
+    if mult is not None and tuple(mult.shape) != want:
+        raise ValueError(f"local_loss: mult shape {tuple(mult.shape)} differs from the expected {want}")
+
+
 def local_loss(o: torch.Tensor, target: torch.Tensor, mult: torch.Tensor | None, beta: float,
                form: str, filt: FilterPair) -> tuple[torch.Tensor, torch.Tensor]:
-    """Local loss of a stage k < K (differentiable w.r.t. ``o``) and ``a = D(o)`` (detached)."""
-    return ref.local_loss(o, target, mult, beta, form, filt)
+    """Local loss of a stage k < K (differentiable w.r.t. ``o``) and ``a = D(o)`` (detached fp32).
+
+    Fused (cpp/triton): one pass over ``o`` (NCHW or channels_last, kept as is) computes a, the
+    loss and the coarse gradient; ``loss.backward()`` then writes grad_o in o's layout.
+    """
+    _check_loss_args(o, target, mult, form, filt)
+    backend = _backend_for(o.device)
+    if backend == "ref":
+        return ref.local_loss(o, target, mult, beta, form, filt)
+    x = o if o.dtype in (torch.float32, torch.float64) else o.float()
+    t, m = target, mult
+    if backend == "cpp":
+        want = torch.float64 if x.dtype == torch.float64 else None
+        if want is None and (t.dtype not in _STORE_DTYPES or (m is not None and m.dtype != t.dtype)):
+            want = torch.float32
+        if want is not None:
+            t = t.to(want)
+            m = None if m is None else m.to(want)
+    loss, a = _FusedLocalLoss.apply(x, t, m, float(beta), form == "gs", filt.s, backend)
+    return loss, a.float()
 
 
+# --------------------------------------------------------------------------- coarse input grad
 def coarse_input_grad(grad_z: torch.Tensor, filt: FilterPair) -> torch.Tensor:
-    """g = B·Uᵀ(grad_z)."""
-    return ref.coarse_input_grad(grad_z, filt)
+    """g = B·Uᵀ(grad_z), float32 (B, C, H/s, W/s)."""
+    backend = _backend_for(grad_z.device)
+    if backend == "ref" or (filt.kind != "avg_nearest" and filt.s > 1) or grad_z.dim() != 4:
+        return ref.coarse_input_grad(grad_z, filt)
+    filt.check_shape(tuple(grad_z.shape[1:]), "input-gradient")
+    if backend == "cpp":
+        x = grad_z if grad_z.dtype in (torch.float32, torch.float64) else grad_z.float()
+        return _cpp().sum_pool(x, filt.s, float(grad_z.shape[0]))
+    return _kernel("k_coarse_grad").coarse_input_grad(grad_z, filt.s)
 
 
+# ------------------------------------------------------------------------------------- λ-step
 def jacobi_update_(lam_store: torch.Tensor, u_store: torch.Tensor | None, idx: torch.Tensor,
                    a: torch.Tensor, g: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
-    """Jacobi λ-step (+ AL multiplier step) in place on rows ``idx``; returns the new λ̃ rows."""
-    return ref.jacobi_update_(lam_store, u_store, idx, a, g, beta, gamma)
+    """Jacobi λ-step (+ AL multiplier step) in place on rows ``idx``; returns the new λ̃ rows
+    (store dtype), computed in float32 from the rows as they were before the call."""
+    if not beta > 0:
+        raise ValueError(f"jacobi_update_: beta must be > 0, got {beta}")
+    if u_store is not None and (u_store.shape != lam_store.shape or u_store.device != lam_store.device):
+        raise ValueError(f"jacobi_update_: u store {tuple(u_store.shape)} on {u_store.device} does not match "
+                         f"the λ̃ store {tuple(lam_store.shape)} on {lam_store.device}")
+    backend = _backend_for(lam_store.device)
+    same_dtype = u_store is None or u_store.dtype == lam_store.dtype
+    fast = (_contig_store(lam_store) and same_dtype
+            and (u_store is None or u_store.is_contiguous()))
+    if backend == "cpp" and fast:
+        return _cpp().jacobi_update_(lam_store, u_store, _cpu_index(idx), a.to("cpu", torch.float32),
+                                     g.to("cpu", torch.float32), float(beta), float(gamma))
+    idx = _check_index(idx, lam_store.shape[0], "jacobi_update_")
+    last = _last_positions(idx)
+    if backend == "triton" and fast:
+        return _kernel("k_lambda_step").lambda_step_(lam_store, u_store, idx, a, g, float(beta), float(gamma),
+                                                     last)
+    if last is None:
+        return ref.jacobi_update_(lam_store, u_store, idx, a, g, beta, gamma)
+    lam = lam_store.index_select(0, idx)
+    u = None if u_store is None else u_store.index_select(0, idx)
+    lam_new, u_new = ref.lambda_step(lam, u, a, g, beta, gamma)
+    rows = lam_new.to(lam_store.dtype)
+    lam_store.index_copy_(0, idx[last], rows[last])
+    if u_store is not None and u_new is not None:
+        u_store.index_copy_(0, idx[last], u_new[last].to(u_store.dtype))
+    return rows
 
 
+# ------------------------------------------------------------------------------ gather/scatter
 def gather_rows(store: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """store[idx] in the store dtype."""
+    """store[idx] in the store dtype (cpp: multi-threaded copy into pinned memory when CUDA is
+    available, so a following ``.to('cuda', non_blocking=True)`` is asynchronous)."""
+    backend = _backend_for(store.device)
+    if backend == "cpp" and _contig_store(store):
+        out = torch.empty((len(idx), *store.shape[1:]), dtype=store.dtype, pin_memory=_pinned_available())
+        return _cpp().gather_rows_out(store, _cpu_index(idx), out)
+    idx = _check_index(idx, store.shape[0], "gather_rows")
     return ref.gather_rows(store, idx)
 
 
 def scatter_rows_(store: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> None:
-    """store[idx] = rows (cast)."""
+    """store[idx] = rows (cast to the store dtype); with repeated indices the last one wins."""
+    backend = _backend_for(store.device)
+    if backend == "cpp" and _contig_store(store):
+        _cpp().scatter_rows_(store, _cpu_index(idx), rows.to("cpu"))
+        return
+    idx = _check_index(idx, store.shape[0], "scatter_rows_")
+    if rows.shape[0] != idx.numel():
+        raise ValueError(f"scatter_rows_: {rows.shape[0]} rows for {idx.numel()} indices")
+    last = _last_positions(idx)
+    if last is not None:
+        idx, rows = idx[last], rows[last.to(rows.device)]
     ref.scatter_rows_(store, idx, rows)
 
 
+# --------------------------------------------------------------------------------- stage input
 def stage_input(store: torch.Tensor, idx: torch.Tensor, filt: FilterPair,
                 channels_last: bool = False) -> torch.Tensor:
-    """z = U(store[idx]) in fp32."""
+    """z = U(store[idx]) in fp32 (gather + upsample + cast fused), NCHW or channels_last."""
+    backend = _backend_for(store.device)
+    fused = (filt.kind == "avg_nearest" or filt.s == 1) and store.dim() == 4 and _contig_store(store)
+    if backend == "cpp" and fused:
+        if store.dtype == torch.float64:
+            z = _cpp().upsample_rows(store, _cpu_index(idx), filt.s, 1.0, torch.float64, channels_last)
+            return z.float()
+        return _cpp().upsample_rows(store, _cpu_index(idx), filt.s, 1.0, torch.float32, channels_last)
+    idx = _check_index(idx, store.shape[0], "stage_input")
+    if backend == "triton" and fused:
+        return _kernel("k_upsample").upsample(store, idx, filt.s, torch.float32, channels_last)
     return ref.stage_input(store, idx, filt, channels_last)
 
 
-def backend_report() -> dict[str, str]:
-    """Which backend each op takes for CPU tensors under the current settings."""
+# ------------------------------------------------------------------------------------- report
+def backend_report(device: str | torch.device = "cpu", kind: str = "avg_nearest") -> dict[str, str]:
+    """Which backend each op takes for tensors on ``device`` (default CPU) under the current
+    settings; a forced backend that cannot run is reported as ``unavailable (...)``."""
     requested_backend()
-    return {op: "ref" for op in ("local_loss", "coarse_input_grad", "jacobi_update_",
-                                  "gather_rows", "scatter_rows_", "stage_input")}
+    try:
+        backend = _backend_for(torch.device(device))
+    except BackendUnavailable as e:
+        return {op: f"unavailable ({e})" for op in OPS}
+    report = {op: backend for op in OPS}
+    if backend != "ref" and kind != "avg_nearest":
+        for op in ("coarse_input_grad", "stage_input"):
+            report[op] = f"ref ({kind}, s>1)"
+    if backend == "triton":
+        for op in ("gather_rows", "scatter_rows_"):
+            report[op] = "torch index ops"
+    return report
+
+
+def describe() -> str:
+    """One line for ``layerpar info``: requested backend, what runs CPU/CUDA tensors, why."""
+    parts = [f"LAYERPAR_OPS={os.environ.get('LAYERPAR_OPS', 'auto')}"]
+    try:
+        requested_backend()
+        parts.append(f"cpu -> {backend_report('cpu')['local_loss']}")
+        if torch.cuda.is_available():
+            parts.append(f"cuda -> {backend_report('cuda')['local_loss']}")
+    except ValueError as e:
+        parts.append(f"error: {e}")
+    mod = _ext.load()
+    if mod is not None:
+        parts.append(f"C++ extension: loaded (torch {mod.built_with_torch()}, CUDA staging: "
+                     f"{'yes' if _ext.with_cuda() else 'no'}, {torch.get_num_threads()} threads)")
+    else:
+        parts.append(f"C++ extension: {_ext.reason()}")
+    kernels, why = _triton_state()
+    if kernels is None:
+        parts.append(f"triton: unavailable ({why})")
+    else:
+        import triton
+
+        mode = "interpreter" if kernels.INTERPRET else ("CUDA" if torch.cuda.is_available() else "no CUDA device")
+        parts.append(f"triton {triton.__version__}: {mode}")
+    parts.append("avg_bilinear stage_input/coarse_input_grad: ref")
+    return "; ".join(parts)
+
+
+# --------------------------------------------------------------------------------------- NVTX
+@contextmanager
+def nvtx_range(name: str) -> Iterator[None]:
+    """An NVTX range (visible in Nsight Systems) when CUDA is available, else a no-op."""
+    if _pinned_available():
+        torch.cuda.nvtx.range_push(name)
+        try:
+            yield
+        finally:
+            torch.cuda.nvtx.range_pop()
+    else:
+        yield
+
+
+# ---------------------------------------------------------------------------------- staging ring
+class StagingRing:
+    """Stage rows of a CPU store to a device ahead of use, through a ring of pinned buffers.
+
+    ``t = ring.prefetch(store, idx)`` gathers ``store[idx]`` into the next pinned slot and starts
+    its host->device copy on a side stream; ``ring.take(t)`` returns the device rows, ordered
+    after the copy on the current stream. Call ``prefetch`` for batch t+1 before computing batch
+    t and the copy overlaps the computation. At most ``slots`` tickets may be pending. CUDA
+    devices use the C++ ring when the extension was built with CUDA, else the same algorithm
+    with torch streams/events; a CPU device degenerates to a plain gather.
+    """
+
+    def __init__(self, slots: int = 2, device: str | torch.device = "cuda") -> None:
+        if slots < 1:
+            raise ValueError(f"StagingRing: slots must be >= 1, got {slots}")
+        self.device = torch.device(device)
+        self.slots = int(slots)
+        self._next = 0
+        self._pending: dict[int, tuple[torch.Tensor, Any]] = {}
+        self._host: list[torch.Tensor | None] = [None] * self.slots
+        self._events: list[Any] = [None] * self.slots
+        self._native: Any = None
+        self._side: Any = None
+        if self.device.type == "cuda":
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            self.device = torch.device("cuda", index)
+            if _ext.with_cuda():
+                self._native = _cpp().StagingRing(self.slots, index)
+            else:
+                self._side = torch.cuda.Stream(device=self.device)
+
+    def prefetch(self, store: torch.Tensor, idx: torch.Tensor) -> int:
+        """Gather ``store[idx]`` and start moving it to the device; returns a ticket."""
+        if store.device.type != "cpu":
+            raise ValueError(f"StagingRing.prefetch: the store must be a CPU tensor, got {store.device}")
+        if self._native is not None:
+            return int(self._native.prefetch(store, _cpu_index(idx)))
+        if len(self._pending) >= self.slots:
+            raise RuntimeError(f"StagingRing.prefetch: {self.slots} tickets pending; take() one first")
+        ticket, slot = self._next, self._next % self.slots
+        if self.device.type != "cuda":
+            self._pending[ticket] = (gather_rows(store, idx), None)
+            self._next += 1
+            return ticket
+        if self._events[slot] is not None:
+            self._events[slot].synchronize()  # the previous copy out of this pinned slot finished
+        shape = (len(idx), *store.shape[1:])
+        need = int(torch.Size(shape).numel())
+        host = self._host[slot]
+        if host is None or host.numel() < need or host.dtype != store.dtype:
+            host = torch.empty(max(need, 1), dtype=store.dtype, pin_memory=True)
+            self._host[slot] = host
+        view = host[:need].view(shape)
+        if _ext.available() and _contig_store(store):
+            _cpp().gather_rows_out(store, _cpu_index(idx), view)
+        else:
+            torch.index_select(store, 0, _check_index(idx, store.shape[0], "StagingRing.prefetch"), out=view)
+        with torch.cuda.stream(self._side):
+            dev = view.to(self.device, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self._side)
+        self._events[slot] = event
+        self._pending[ticket] = (dev, event)
+        self._next += 1
+        return ticket
+
+    def take(self, ticket: int) -> torch.Tensor:
+        """The rows of ``ticket`` on the device, safe to use on the current stream."""
+        if self._native is not None:
+            return self._native.take(int(ticket))
+        if ticket not in self._pending:
+            raise KeyError(f"StagingRing.take: no pending ticket {ticket}")
+        rows, event = self._pending.pop(ticket)
+        if event is not None:
+            cur = torch.cuda.current_stream(self.device)
+            cur.wait_event(event)
+            rows.record_stream(cur)
+        return rows
