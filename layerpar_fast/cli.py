@@ -56,6 +56,8 @@ _TRAIN_OPTIONS: dict[str, tuple[Any, str]] = {
     "seed": (int, "random seed (initialisation, data order, augmentation)"),
     "threads": (int, "torch threads (default: CPU cores // local workers)"),
     "checkpoint_every": (int, "write a checkpoint every N epochs"),
+    "delay_rank": (int, "testing: the rank whose parallel-phase steps each start --delay-s seconds late"),
+    "delay_s": (float, "testing: the delay of --delay-rank's steps, in seconds"),
 }
 _BOOL_OPTIONS = {
     "channels_last": "use channels_last memory format",
@@ -129,7 +131,7 @@ def _train_config(args: argparse.Namespace) -> tuple[Config, str, bool]:
 def _prepare_run_dir(run_dir: str) -> None:
     try:
         os.makedirs(run_dir, exist_ok=True)
-        probe = os.path.join(run_dir, ".write_test")
+        probe = os.path.join(run_dir, f".write_test{os.getpid()}")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
@@ -139,8 +141,14 @@ def _prepare_run_dir(run_dir: str) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .trainer import HybridTrainer
+    from .launch import launch_local, launch_mode, run_member
     cfg, run_dir, resume = _train_config(args)
+    mode = launch_mode(cfg)
     _prepare_run_dir(run_dir)
+    if mode == "spawn":     # K local processes, one per stage
+        return launch_local(cfg, run_dir, resume)
+    if mode == "member":    # one rank of a process group started by torchrun
+        return run_member(cfg, run_dir, resume)
     trainer = HybridTrainer(cfg, run_dir, resume=resume)
     summary = trainer.run()
     print(f"final test accuracy {100 * summary['final_test_acc']:.2f}% "

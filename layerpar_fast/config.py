@@ -143,6 +143,9 @@ class Config:
         need(self.timeout_s > 0, f"--timeout-s must be > 0, got {self.timeout_s}")
         need(self.threads is None or self.threads >= 1, f"--threads must be >= 1, got {self.threads}")
         need(self.checkpoint_every >= 1, f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
+        need(self.delay_s >= 0, f"--delay-s must be >= 0, got {self.delay_s}")
+        need(self.delay_rank is None or 0 <= self.delay_rank < self.stages,
+             f"--delay-rank must be a rank in [0, {self.stages}), got {self.delay_rank}")
         phases = self.phases()
         if self.schedule and self.epochs is not None and self.epochs != sum(n for _, n in phases):
             raise ConfigError(f"--epochs {self.epochs} disagrees with --schedule {self.schedule!r} "

@@ -122,6 +122,28 @@ class HybridTrainer:
     def _local_workers(self) -> int:
         return 1
 
+    # hooks for a distributed subclass (layerpar_fast.dist.DistTrainer): one process per stage
+    def _is_main(self) -> bool:
+        """Whether this process logs and writes the run files (metrics, config, final model)."""
+        return True
+
+    def _owns_stage(self, k: int) -> bool:
+        """Whether this process trains stage ``k`` in parallel phases (holds its stores)."""
+        return True
+
+    def _share_phase_constants(self, kappas: list[float], betas: list[float], caps: list[float],
+                               lr_now: float) -> tuple[list[float], list[float], list[float]]:
+        """Complete κ_k, β_k and lr caps measured only for the owned stages."""
+        return kappas, betas, caps
+
+    def _aux_checkpoint(self) -> dict[str, Any] | None:
+        """The checkpoint's ``aux`` entry: the stores when stopping inside a parallel phase."""
+        if self.stores is None or self.phase_state is None:
+            return None
+        return {"phase": self.phase_state.index,
+                "stores": {name: [None if s is None else s.state_dict() for s in lst]
+                           for name, lst in self.stores.items()}}
+
     def _make_optimizer(self, module: nn.Module) -> torch.optim.Optimizer:
         cfg = self.cfg
         decay, no_decay = [], []
@@ -166,8 +188,9 @@ class HybridTrainer:
         cfg = self.cfg
         if self.out_dir:
             os.makedirs(self.out_dir, exist_ok=True)
-        writer = JsonlWriter(os.path.join(self.out_dir, "metrics.jsonl"), self.records) if self.out_dir else None
-        if self.out_dir and self.epoch == 0:
+        main = self._is_main()
+        writer = JsonlWriter(os.path.join(self.out_dir, "metrics.jsonl"), self.records) if self.out_dir and main else None
+        if self.out_dir and main and self.epoch == 0:
             atomic_write_json(os.path.join(self.out_dir, "config.json"), cfg.to_dict())
         t_start = time.perf_counter() - self.wall_offset
         plan = self.epoch_plan()
@@ -203,7 +226,7 @@ class HybridTrainer:
                 self.wall_offset = time.perf_counter() - t_start
                 self.save_checkpoint()
         summary = self._summary(time.perf_counter() - t_start)
-        if self.out_dir:
+        if self.out_dir and main:
             torch.save(self.model.state_dict(), os.path.join(self.out_dir, "final_model.pt"))
             atomic_write_json(os.path.join(self.out_dir, "summary.json"), summary)
         return summary
@@ -255,10 +278,11 @@ class HybridTrainer:
         def store(shape: tuple[int, ...]) -> TensorAuxStore:
             return TensorAuxStore(n, shape, cfg.aux_dtype, device=dev, compute_device=dev)
 
+        own = self._owns_stage
         stores: dict[str, list[Any]] = {
-            "input": [None] + [store(coarse[i]) for i in range(k - 1)],
-            "target": [store(coarse[i]) for i in range(k - 1)] + [None],
-            "mult": [store(coarse[i]) if cfg.method == "al" else None for i in range(k - 1)] + [None],
+            "input": [None] + [store(coarse[i]) if own(i + 1) else None for i in range(k - 1)],
+            "target": [store(coarse[i]) if own(i) else None for i in range(k - 1)] + [None],
+            "mult": [store(coarse[i]) if cfg.method == "al" and own(i) else None for i in range(k - 1)] + [None],
         }
         total = sum(s.memory_bytes() for lst in stores.values() for s in lst if s is not None)
         self.log(f"auxiliary stores: {total / 2**20:.1f} MiB in {cfg.aux_dtype} "
@@ -315,6 +339,13 @@ class HybridTrainer:
                 betas.append(float("nan"))
                 caps.append(math.inf)
                 break
+            if not self._owns_stage(k):  # measured by its owner (distributed run)
+                kappas.append(float("nan"))
+                betas.append(float("nan"))
+                caps.append(math.inf)
+                with torch.no_grad(), frozen_bn_stats(stage):
+                    z = self.filt.up(self.filt.down(stage(z)))
+                continue
             kap = estimate_kappa(stage, z, self.filt, iters=cfg.kappa_iters, seed=cfg.seed)
             if cfg.beta is not None:
                 beta = cfg.beta
@@ -331,6 +362,7 @@ class HybridTrainer:
             caps.append(cap)
             with torch.no_grad(), frozen_bn_stats(stage):
                 z = self.filt.up(self.filt.down(stage(z)))
+        kappas, betas, caps = self._share_phase_constants(kappas, betas, caps, lr_now)
         self.phase_state = PhaseState(pidx, kappas, betas, caps)
         self.log("parallel phase: " + ", ".join(
             f"stage {k}: kappa={kap:.4g} beta={b:.4g} lr*beta*kappa={lr_now * b * kap:.3g}"
@@ -431,6 +463,9 @@ class HybridTrainer:
                 offs += len(ps)
             form = "gs" if (self.cfg.method == "al" and self.cfg.al_order == "gs") else "jacobi"
             for k, stage in enumerate(self.stages[:-1]):
+                if not self._owns_stage(k):  # computed by its owner (distributed run)
+                    out.append(float("nan"))
+                    continue
                 z = x if k == 0 else self.stores["input"][k].stage_input(idx, self.filt, self.cfg.channels_last)
                 mult = self.stores["mult"][k].gather(idx) if self.stores["mult"][k] is not None else None
                 loss_k, _ = ops.local_loss(stage(z), self.stores["target"][k].gather(idx), mult,
@@ -506,12 +541,8 @@ class HybridTrainer:
             "records": self.records,
             "wall_offset": self.wall_offset,
             "phase_state": None if self.phase_state is None else vars(self.phase_state),
-            "aux": None,
+            "aux": self._aux_checkpoint(),
         }
-        if self.stores is not None and self.phase_state is not None:
-            state["aux"] = {"phase": self.phase_state.index,
-                            "stores": {name: [None if s is None else s.state_dict() for s in lst]
-                                       for name, lst in self.stores.items()}}
         path = os.path.join(self.out_dir, CHECKPOINT)
         tmp = f"{path}.tmp{os.getpid()}"
         torch.save(state, tmp)

@@ -1,0 +1,201 @@
+"""Starting a distributed run: K local processes through torch.distributed's elastic launcher,
+or joining the process group torchrun describes.
+
+``layerpar train --stages K`` (K > 1, ``--transport auto|dist``) calls :func:`launch_local`:
+torch's :func:`~torch.distributed.launcher.api.elastic_launch` starts K worker processes
+(``python -m layerpar_fast.launch``) on this machine, rendezvous over the c10d store on
+127.0.0.1 at a free port, gloo (CPU) or NCCL (one GPU per rank). When one worker fails the agent
+stops the others and this process prints the first failure once. Ctrl-C stops every worker; the
+checkpoint of the last finished epoch stays resumable.
+
+Under torchrun (RANK/WORLD_SIZE/... set, WORLD_SIZE > 1) :func:`run_member` joins the given
+process group instead, so multi-node runs use torchrun's own rendezvous.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import traceback
+import uuid
+import warnings
+from typing import Any, Sequence
+
+from .config import Config, ConfigError, make_config
+
+#: exception types whose message is the whole story (printed as one line, exit status 2)
+USER_ERRORS = ("ConfigError", "DataError", "ModelError", "StagingError", "FilterError")
+_LAUNCHED = "LAYERPAR_LAUNCHED"   # set for the workers started by launch_local
+
+
+def launch_mode(cfg: Config) -> str:
+    """``"local"`` (one process), ``"spawn"`` (start K local processes) or ``"member"`` (this
+    process is one rank of a process group set up by torchrun or by hand)."""
+    world = os.environ.get("WORLD_SIZE")
+    if world is not None and "RANK" in os.environ:
+        try:
+            n = int(world)
+        except ValueError:
+            raise ConfigError(f"WORLD_SIZE={world!r} is not an integer") from None
+        if n > 1:
+            if cfg.transport == "local":
+                raise ConfigError(f"--transport local inside a process group of {n} ranks (WORLD_SIZE={n}) "
+                                  "would train {n} copies; use --transport auto or dist under torchrun")
+            if n != cfg.stages:
+                raise ConfigError(f"WORLD_SIZE={n} but --stages {cfg.stages}: start one process per stage "
+                                  f"(torchrun --nproc-per-node {cfg.stages} ...) or set --stages {n}")
+            return "member"
+    if cfg.transport == "local" or cfg.stages == 1:
+        if cfg.transport == "dist" and cfg.stages == 1:
+            raise ConfigError("--transport dist needs --stages K with K >= 2 (one process per stage)")
+        return "local"
+    return "spawn"
+
+
+# ------------------------------------------------------------------------------------ parent side
+def _quiet_elastic_logs() -> None:
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed.elastic") or name.startswith("torch.distributed.launcher"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def launch_local(cfg: Config, run_dir: str, resume: bool, *, entry: Sequence[str] | None = None) -> int:
+    """Run ``cfg`` with ``cfg.stages`` local worker processes; return the exit status.
+
+    ``entry``: the worker program's command line before its ``--config-json/--run-dir/--resume``
+    arguments (default ``python -u -m layerpar_fast.launch``)."""
+    from torch.distributed.elastic.multiprocessing import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    k = cfg.stages
+    lc = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=k, run_id=f"layerpar-{uuid.uuid4().hex[:12]}",
+                      rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", local_addr="127.0.0.1",
+                      rdzv_configs={"timeout": max(60, int(cfg.timeout_s))}, max_restarts=0,
+                      monitor_interval=0.1, start_method="spawn", shutdown_timeout=5)
+    saved = {v: os.environ.get(v) for v in (_LAUNCHED, "GLOO_SOCKET_IFNAME", "OMP_NUM_THREADS")}
+    os.environ[_LAUNCHED] = "1"
+    if "GLOO_SOCKET_IFNAME" not in os.environ and os.path.exists("/sys/class/net/lo"):
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"   # every rank is on this machine
+    os.environ.setdefault("OMP_NUM_THREADS", str(cfg.threads or max(1, (os.cpu_count() or 1) // k)))
+    _quiet_elastic_logs()
+    try:
+        program, *prefix = list(entry) if entry else [sys.executable, "-u", "-m", "layerpar_fast.launch"]
+        elastic_launch(lc, program)(*prefix, "--config-json", json.dumps(cfg.to_dict()), "--run-dir", run_dir,
+                                    *(["--resume"] if resume else []))
+        return 0
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        if failure.exitcode in (130, -2):
+            return _interrupted(run_dir)
+        msg = failure.message
+        text = msg.get("message", "") if isinstance(msg, dict) else str(msg or "")
+        if not text or text.startswith("Signal") or text.startswith("To enable traceback"):
+            text = f"exited with status {failure.exitcode}"
+        kind = text.split(":", 1)[0]
+        if kind in USER_ERRORS:
+            print(f"layerpar: error: {text.split(': ', 1)[-1]}", file=sys.stderr)
+            return 2
+        print(f"layerpar: error: rank {rank} failed: {text}", file=sys.stderr)
+        stack = msg.get("extraInfo", {}).get("py_callstack") if isinstance(msg, dict) else None
+        if stack and kind not in ("TransportError",):
+            print(stack.rstrip(), file=sys.stderr)
+        return 1
+    except (SignalException, KeyboardInterrupt):
+        return _interrupted(run_dir)
+    finally:
+        for var, val in saved.items():
+            if val is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = val
+
+
+def _interrupted(run_dir: str) -> int:
+    print(f"layerpar: interrupted; every worker stopped. The last completed epoch is in the checkpoint: "
+          f"continue with --resume {run_dir}", file=sys.stderr)
+    return 130
+
+
+# ------------------------------------------------------------------------------------ worker side
+def _record_failure(e: BaseException) -> None:
+    """Write the torchelastic error file (the launcher shows the first failure from it)."""
+    if "TORCHELASTIC_ERROR_FILE" not in os.environ:
+        return
+    from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+    try:
+        ErrorHandler().record_exception(e)
+    except Exception:
+        pass
+
+
+def run_member(cfg: Config, run_dir: str | None, resume: bool) -> int:
+    """Train as one rank of the process group described by the environment; return the exit
+    status (0, 1 failure, 2 bad configuration or data, 130 interrupted).
+
+    Only rank 0 prints. On failure the error goes to the torchelastic error file when a launcher
+    supervises this process (it prints the first failure), otherwise to stderr, and the process
+    exits at once so that its peers, blocked on it, fail within seconds instead of timing out.
+    """
+    import torch.distributed as dist
+
+    from .dist import DistTrainer, dist_env, init_process_group
+    from .transport import TransportError
+
+    env = dist_env()
+    rank = env.rank if env is not None else 0
+    code = 0
+    try:
+        init_process_group(cfg.timeout_s)
+        if rank != 0:                      # one display: rank 0 prints, the others stay quiet
+            warnings.simplefilter("ignore")
+        box = [run_dir]                    # rank 0's choice (default names carry a time stamp)
+        dist.broadcast_object_list(box, 0)
+        run_dir = box[0]
+        if run_dir is None:
+            raise ConfigError("a distributed run needs a run directory (--out)")
+        trainer = DistTrainer(cfg, run_dir, resume=resume)
+        summary = trainer.run()
+        trainer.close()
+        if rank == 0:
+            print(f"final test accuracy {100 * summary['final_test_acc']:.2f}% "
+                  f"(best {100 * summary['best_test_acc']:.2f}%) in {summary['wall_time_s']:.1f}s "
+                  f"on {cfg.stages} ranks; run directory {run_dir}", flush=True)
+        dist.destroy_process_group()
+    except KeyboardInterrupt:
+        code = 130
+        if rank == 0 and not os.environ.get(_LAUNCHED):
+            print(f"layerpar: interrupted; continue with --resume {run_dir}", file=sys.stderr)
+    except BaseException as e:  # noqa: BLE001 - every failure must end this rank now
+        _record_failure(e)
+        user = type(e).__name__ in USER_ERRORS
+        code = 2 if user else 1
+        supervised = "TORCHELASTIC_ERROR_FILE" in os.environ
+        if not supervised:
+            if user or isinstance(e, TransportError):
+                print(f"layerpar: error: rank {rank}: {e}", file=sys.stderr)
+            else:
+                print(f"layerpar: error: rank {rank} failed: {type(e).__name__}: {e}", file=sys.stderr)
+                traceback.print_exc()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if code != 0:
+        os._exit(code)  # do not wait for peers or background threads: they may be blocked on us
+    return code
+
+
+def _worker_main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m layerpar_fast.launch",
+                                description="one rank of a distributed layerpar run (started by layerpar train)")
+    p.add_argument("--config-json", required=True, help="the run's configuration as JSON")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--resume", action="store_true")
+    args = p.parse_args(argv)
+    values: dict[str, Any] = json.loads(args.config_json)
+    return run_member(make_config(values), args.run_dir, args.resume)
+
+
+if __name__ == "__main__":
+    sys.exit(_worker_main())

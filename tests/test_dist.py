@@ -1,0 +1,309 @@
+"""One process per stage (layerpar_fast.dist / launch): the distributed engine computes exactly what
+the single-process engine computes; failures, timeouts and Ctrl-C end every rank; torchrun-style
+environments are used as given; a resumed distributed run ends where an uninterrupted one ends.
+
+Every test starts real processes (gloo on 127.0.0.1, one thread each) under a hard timeout.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+
+import layerpar_fast
+from layerpar_fast.config import make_config
+from layerpar_fast.data import Dataset
+from layerpar_fast.models import BasicBlock, ClassifierHead
+from layerpar_fast.trainer import HybridTrainer
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(layerpar_fast.__file__)))
+HARD_TIMEOUT = 150
+
+
+# ------------------------------------------------------------------------------------ tiny problem
+def tiny_data(n: int = 64, m: int = 16, classes: int = 4, seed: int = 0) -> Dataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n + m, 3, 8, 8), generator=g, dtype=torch.uint8)
+    y = torch.randint(0, classes, (n + m,), generator=g)
+    xf = x.float() / 255
+    return Dataset(name="tiny", x_train=x[:n].contiguous(), y_train=y[:n], x_test=x[n:].contiguous(),
+                   y_test=y[n:], num_classes=classes,
+                   mean=tuple(xf[:n].mean((0, 2, 3)).tolist()), std=tuple(xf[:n].std((0, 2, 3)).tolist()))
+
+
+def tiny_model(seed: int = 0, width: int = 4, classes: int = 4) -> nn.Sequential:
+    torch.manual_seed(seed)
+    stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+    return nn.Sequential(stem, BasicBlock(width, width), BasicBlock(width, width), BasicBlock(width, width),
+                         ClassifierHead(width, classes))
+
+
+CUTS = {2: [2], 3: [2, 3]}
+
+
+def tiny_config(k: int, **kw):
+    base = dict(method="al", stages=k, ds=2, batch_size=8, eval_batch_size=8, lr=0.05,
+                schedule="parallel:2,serial:1", serial_on="one", progress=False, kappa_iters=3,
+                bn_recalib_batches=2, augment="crop_flip", threads=1, timeout_s=30.0, seed=0)
+    base.update(kw)
+    return make_config(**base)
+
+
+def local_state(k: int, **kw) -> dict[str, torch.Tensor]:
+    tr = HybridTrainer(tiny_config(k, transport="local", **kw), None, data=tiny_data(), model=tiny_model(),
+                       cuts=CUTS[k], log=lambda m: None)
+    tr.run()
+    return {n: t.detach().clone() for n, t in tr.model.state_dict().items()}
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[n].double() - b[n].double()).abs().max()) if a[n].numel() else 0.0 for n in a)
+
+
+# ------------------------------------------------------------------------------------ processes
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                        "TORCHELASTIC_ERROR_FILE", "LAYERPAR_LAUNCHED")}
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, HERE, env.get("PYTHONPATH", "")])
+    env.update(extra)
+    return env
+
+
+def spawn_ranks(k: int, argv: list[str], timeout: float = HARD_TIMEOUT) -> list[tuple[int, str]]:
+    """Start ``k`` processes with torchrun-style variables (RANK, WORLD_SIZE, MASTER_ADDR, ...);
+    return (exit status, output) per rank; kill them all when the hard timeout passes."""
+    port = str(free_port())
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=child_env(RANK=str(r), WORLD_SIZE=str(k), LOCAL_RANK=str(r),
+                                            LOCAL_WORLD_SIZE=str(k), MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+             for r in range(k)]
+    deadline = time.monotonic() + timeout
+    out = []
+    try:
+        for p in procs:
+            text, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            out.append((p.returncode, text))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return out
+
+
+WORKER = textwrap.dedent("""
+    import json, sys, torch
+    import test_dist as T
+    from layerpar_fast.dist import DistTrainer, init_process_group
+    import torch.distributed as dist
+
+    cases = json.loads(sys.argv[1])
+    out = sys.argv[2]
+    init_process_group(60.0)
+    k = dist.get_world_size()
+    for i, kw in enumerate(cases):
+        tr = DistTrainer(T.tiny_config(k, **kw), None, data=T.tiny_data(), model=T.tiny_model(),
+                         cuts=T.CUTS[k], log=lambda m: None)
+        tr.run()
+        tr.close()
+        state = {n: t.detach().clone() for n, t in tr.model.state_dict().items()}
+        every = [None] * k
+        dist.all_gather_object(every, state)           # every rank must hold the same network
+        if dist.get_rank() == 0:
+            torch.save({"state": state, "ranks_agree": max(T.max_diff(state, s) for s in every),
+                        "records": tr.records}, f"{out}/case{i}.pt")
+    dist.destroy_process_group()
+""")
+
+
+def run_cases(tmp_path, k: int, cases: list[dict]) -> list[dict]:
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    results = spawn_ranks(k, [sys.executable, str(script), json.dumps(cases), str(tmp_path)])
+    for code, text in results:
+        assert code == 0, text[-3000:]
+    return [torch.load(tmp_path / f"case{i}.pt", weights_only=False) for i in range(len(cases))]
+
+
+# ------------------------------------------------------------------------------------ determinism
+CASES_2 = [
+    dict(method="penalty", ds=1),
+    dict(method="penalty", ds=2),
+    dict(method="al", al_order="gs", ds=1),
+    dict(method="al", al_order="gs", ds=2),
+    dict(method="al", al_order="jacobi", ds=2, window=1),
+    dict(method="al", al_order="gs", ds=2, delay_rank=1, delay_s=0.02),
+    dict(method="al", al_order="jacobi", ds=1, delay_rank=0, delay_s=0.02),
+    dict(method="al", ds=2, schedule="serial:1,parallel:1,serial:1", serial_on="all"),
+]
+CASES_3 = [
+    dict(method="al", al_order="gs", ds=2),
+    dict(method="penalty", ds=1, delay_rank=1, delay_s=0.02),
+    dict(method="al", al_order="jacobi", ds=2, delay_rank=2, delay_s=0.02),
+]
+
+
+@pytest.mark.parametrize("k, cases", [(2, CASES_2), (3, CASES_3)], ids=["2ranks", "3ranks"])
+def test_distributed_run_equals_single_process_run(tmp_path, k, cases):
+    """2 parallel epochs + 1 serial epoch on one worker (penalty, AL gs/jacobi, s = 1, 2, with an
+    artificial delay on one rank): the same parameters as the single-process engine (≤ 1e-6).
+    The data-parallel serial phase differs only by per-rank BatchNorm statistics: it stays close."""
+    results = run_cases(tmp_path, k, cases)
+    for kw, res in zip(cases, results):
+        assert res["ranks_agree"] == 0.0, kw
+        ref = local_state(k, **kw)
+        diff = max_diff(res["state"], ref)
+        if kw.get("serial_on") == "all":
+            assert all(torch.isfinite(t).all() for t in res["state"].values() if t.is_floating_point()), kw
+            assert diff < 0.5, (kw, diff)
+        else:
+            assert diff <= 1e-6, (kw, diff)
+        par = [r for r in res["records"] if r["phase"] == "parallel"]
+        assert par and all(r["ranks"] == k for r in par)
+        counters = par[-1]["transport"]
+        assert len(counters) == k
+        assert counters[0]["bytes_sent"]["in"] > 0 and counters[-1]["bytes_sent"]["g"] > 0
+        assert par[-1]["speedup_model"]["rho_pred"] > 0
+
+
+# ------------------------------------------------------------------------------------ failures
+QUICK = ["--subset", "256", "--test-subset", "128", "--batch-size", "64", "--no-progress", "--threads", "1",
+         "--method", "al", "--ds", "2", "--kappa-iters", "2", "--bn-recalib-batches", "2"]
+
+FAILING_WORKER = textwrap.dedent("""
+    import os, sys
+    from layerpar_fast import launch, worker
+    step = worker.StageWorker.step
+
+    def failing_step(self, t):
+        if self.rank == 1 and t == 2:
+            raise ValueError("injected failure on rank 1 at step 2")
+        return step(self, t)
+
+    worker.StageWorker.step = failing_step
+    sys.exit(launch._worker_main())
+""")
+
+
+def test_a_rank_that_raises_stops_the_whole_run(tmp_path):
+    """Launched by layerpar itself (elastic agent): rank 1 raises mid-epoch; every rank stops
+    within seconds, the run exits non-zero and shows the original error once."""
+    script = tmp_path / "failing.py"
+    script.write_text(FAILING_WORKER)
+    code = textwrap.dedent(f"""
+        import sys
+        from layerpar_fast.config import make_config
+        from layerpar_fast.launch import launch_local
+        cfg = make_config(subset=256, test_subset=128, batch_size=64, progress=False, threads=1, method="al",
+                          stages=2, ds=2, kappa_iters=2, bn_recalib_batches=2, schedule="parallel:2",
+                          timeout_s=60.0, out={str(tmp_path / 'run')!r})
+        sys.exit(launch_local(cfg, {str(tmp_path / 'run')!r}, False,
+                              entry=[sys.executable, "-u", {str(script)!r}]))
+    """)
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=child_env(),
+                       timeout=HARD_TIMEOUT)
+    elapsed = time.monotonic() - t0
+    assert p.returncode == 1, p.stderr[-3000:]
+    assert p.stderr.count("layerpar: error:") == 1, p.stderr[-3000:]
+    assert "layerpar: error: rank 1 failed: ValueError: injected failure on rank 1 at step 2" in p.stderr
+    assert "lost rank" not in p.stderr          # rank 0's consequential error is not repeated
+    assert elapsed < 55, elapsed       # far below the 60 s timeout: nobody waited for it
+
+
+def test_a_silent_rank_times_out(tmp_path):
+    """`layerpar train --stages 2`: rank 1 is slower than --timeout-s allows; rank 0 gives up
+    with a clear error and the whole run exits non-zero (no hang)."""
+    run = tmp_path / "run"
+    p = subprocess.run([sys.executable, "-m", "layerpar_fast", "train", *QUICK, "--stages", "2",
+                        "--schedule", "parallel:1", "--delay-rank", "1", "--delay-s", "4", "--timeout-s", "1.5",
+                        "--out", str(run)], capture_output=True, text=True, env=child_env(), timeout=HARD_TIMEOUT)
+    assert p.returncode == 1, p.stderr[-3000:]
+    assert "layerpar: error: rank 0 failed: TransportError" in p.stderr, p.stderr[-3000:]
+    assert "within 1.5s" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+# ------------------------------------------------------------------------------------ torchrun env
+def test_torchrun_environment_is_used(tmp_path):
+    """`layerpar train` started as 2 processes with RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set
+    (what torchrun does) joins that group instead of launching its own; rank 0 alone prints and
+    writes the run files; the result equals the single-process engine's."""
+    run = tmp_path / "run"
+    argv = [sys.executable, "-m", "layerpar_fast", "train", *QUICK, "--stages", "2", "--cuts", "3",
+            "--schedule", "parallel:1,serial:1", "--serial-on", "one", "--out", str(run)]
+    results = spawn_ranks(2, argv)
+    for code, text in results:
+        assert code == 0, text[-3000:]
+    assert "final test accuracy" in results[0][1] and "on 2 ranks" in results[0][1]
+    assert results[1][1].strip() == "", results[1][1][-2000:]
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in recs] == ["parallel", "serial"] and recs[0]["ranks"] == 2
+    dist_final = torch.load(run / "final_model.pt")
+    local = tmp_path / "local"
+    p = subprocess.run([sys.executable, "-m", "layerpar_fast", "train", *QUICK, "--stages", "2", "--cuts", "3",
+                        "--schedule", "parallel:1,serial:1", "--serial-on", "one", "--transport", "local",
+                        "--out", str(local)], capture_output=True, text=True, env=child_env(), timeout=HARD_TIMEOUT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert max_diff(dist_final, torch.load(local / "final_model.pt")) <= 1e-6
+
+
+# ------------------------------------------------------------------------------------ Ctrl-C + resume
+def test_interrupted_distributed_run_resumes_to_the_same_result(tmp_path):
+    """Ctrl-C (SIGINT to the process group) inside the parallel phase stops every worker and
+    leaves a resumable checkpoint with per-rank auxiliary files; --resume ends with exactly the
+    parameters of an uninterrupted single-process run."""
+    run = tmp_path / "run"
+    common = [*QUICK, "--stages", "2", "--cuts", "3", "--schedule", "parallel:3,serial:1", "--serial-on", "one"]
+    p = subprocess.Popen([sys.executable, "-m", "layerpar_fast", "train", *common, "--delay-rank", "0",
+                          "--delay-s", "0.4", "--out", str(run)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=child_env(), start_new_session=True)
+    try:
+        deadline = time.monotonic() + HARD_TIMEOUT
+        ckpt = run / "checkpoint.pt"
+        while not ckpt.exists():
+            assert p.poll() is None, p.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.2)
+        time.sleep(0.5)                                   # inside epoch 2 (4 steps of >= 0.4 s each)
+        os.killpg(p.pid, signal.SIGINT)
+        _, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    assert p.returncode == 130, err[-3000:]
+    assert "--resume" in err
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert state["epoch"] == 1 and state["aux"]["files"] == ["aux-rank0-epoch1.pt", "aux-rank1-epoch1.pt"]
+    assert all((run / f).exists() for f in state["aux"]["files"])
+    r = subprocess.run([sys.executable, "-m", "layerpar_fast", "train", "--resume", str(run), "--no-progress"],
+                       capture_output=True, text=True, env=child_env(), timeout=HARD_TIMEOUT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed" in r.stdout
+    local = tmp_path / "local"
+    q = subprocess.run([sys.executable, "-m", "layerpar_fast", "train", *common, "--transport", "local",
+                        "--out", str(local)], capture_output=True, text=True, env=child_env(), timeout=HARD_TIMEOUT)
+    assert q.returncode == 0, q.stderr[-3000:]
+    assert max_diff(torch.load(run / "final_model.pt"), torch.load(local / "final_model.pt")) <= 1e-6
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in recs] == [1, 2, 3, 4]
