@@ -50,7 +50,14 @@ def main() -> int:
     p.add_argument("--only", help="comma-separated run names")
     p.add_argument("--subset", type=int, help="training images (default: all 60000)")
     p.add_argument("--threads", type=int)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key for every selected run (e.g. --set beta_c=1.2)")
+    p.add_argument("--tag", default="", help="suffix for the result names (sweeps)")
     args = p.parse_args()
+    overrides = {}
+    for kv in args.set:
+        key, _, val = kv.partition("=")
+        overrides[key] = yaml_value(val)
     names = args.only.split(",") if args.only else list(RUNS)
     unknown = [n for n in names if n not in RUNS]
     if unknown:
@@ -59,18 +66,19 @@ def main() -> int:
     res_path = os.path.join(args.out, "results.json")
     results = json.load(open(res_path)) if os.path.exists(res_path) else {}
     for name in names:
-        opts = {**COMMON, **RUNS[name], "data_dir": args.data_dir, "subset": args.subset,
-                "threads": args.threads, "out": os.path.join(args.out, name)}
+        label = name + args.tag
+        opts = {**COMMON, **RUNS[name], **overrides, "data_dir": args.data_dir, "subset": args.subset,
+                "threads": args.threads, "out": os.path.join(args.out, label)}
         cfg = make_config(**opts)
         print(f"== {name}: {cfg.resolved_schedule()}", flush=True)
         t0 = time.time()
         summary = HybridTrainer(cfg, cfg.out).run()
         recs = [json.loads(x) for x in open(os.path.join(cfg.out, "metrics.jsonl"))]
         par = [r for r in recs if r["phase"] == "parallel"]
-        results[name] = {
+        results[label] = {
             "schedule": cfg.resolved_schedule(), "method": cfg.method,
             "al_order": cfg.al_order if cfg.method == "al" else None,
-            "beta": cfg.beta, "gamma": cfg.gamma,
+            "beta": cfg.beta, "gamma": cfg.gamma, "beta_c": cfg.beta_c, "overrides": overrides,
             "final_test_acc": summary["final_test_acc"], "best_test_acc": summary["best_test_acc"],
             "wall_time_s": time.time() - t0,
             "test_acc_per_epoch": [r["test_acc"] for r in recs],
@@ -85,6 +93,12 @@ def main() -> int:
         write_table(results, os.path.join(args.out, "results.md"))
     print(open(os.path.join(args.out, "results.md")).read())
     return 0
+
+
+def yaml_value(text: str):
+    """'1.2' -> 1.2, 'true' -> True, 'gs' -> 'gs' (YAML scalars)."""
+    import yaml
+    return yaml.safe_load(text)
 
 
 def write_table(results: dict, path: str) -> None:
