@@ -16,7 +16,7 @@ class ConfigError(ValueError):
 
 
 METHODS = ("serial", "penalty", "al")
-LR_SCHEDULES = ("cosine", "multistep", "constant")
+LR_SCHEDULES = ("cosine", "linear", "multistep", "constant")
 AUGMENTS = ("auto", "none", "crop_flip", "shift")
 AUX_DTYPES = ("fp32", "bf16", "fp16")
 AL_ORDERS = ("gs", "jacobi")

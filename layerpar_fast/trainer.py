@@ -163,9 +163,12 @@ class HybridTrainer:
             return cfg.lr * (step + 1) / warm
         if cfg.lr_schedule == "constant":
             return cfg.lr
-        if cfg.lr_schedule == "cosine":
+        if cfg.lr_schedule in ("cosine", "linear"):
             span = max(1, self.total_steps - warm)
-            return 0.5 * cfg.lr * (1.0 + math.cos(math.pi * min(step - warm, span) / span))
+            frac = min(step - warm, span) / span
+            if cfg.lr_schedule == "linear":
+                return cfg.lr * (1.0 - frac)
+            return 0.5 * cfg.lr * (1.0 + math.cos(math.pi * frac))
         epoch = step / self.steps_per_epoch
         marks = [m * self.total_epochs if m < 1 else m for m in cfg.milestones]
         return cfg.lr * cfg.lr_decay ** sum(epoch >= m for m in marks)
