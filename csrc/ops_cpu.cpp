@@ -4,19 +4,28 @@
 // reductions keep one partial per task and sum them serially in task order, so results are
 // bitwise independent of the thread count. Arithmetic is float32 (float64 for float64 inputs)
 // whatever the storage dtype.
+//
+// Vectorisation: inner loops work on raw element types (float, double, uint16_t for bf16/fp16)
+// with branch-free conversions (round to nearest even, as torch's casts) and `omp simd`, so the
+// compiler vectorises them at the baseline ISA; no -march flag is needed. float16 goes through
+// blocks converted with F16C instructions when the CPU has them (checked at run time).
 #include "layerpar_ops.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <ATen/ops/scalar_tensor.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/headeronly/version.h>
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define LAYERPAR_X86 1
+#endif
+
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
-#include <numeric>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -30,10 +39,208 @@ int64_t grain_for(int64_t elems_per_task) {
   return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, elems_per_task));
 }
 
-// Compute type of a storage type: float for everything but double.
-template <typename S>
-using acc_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
+// ---------------------------------------------------------------------------------------------
+// Storage types: raw element type, compute type, branch-free conversions.
+inline uint32_t f2u(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+}
+inline float u2f(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
 
+template <typename S>
+struct Store;
+
+template <>
+struct Store<float> {
+  using raw = float;
+  using acc = float;
+  static float ld(float v) { return v; }
+  static float st(float v) { return v; }
+};
+
+template <>
+struct Store<double> {
+  using raw = double;
+  using acc = double;
+  static double ld(double v) { return v; }
+  static double st(double v) { return v; }
+};
+
+template <>
+struct Store<at::BFloat16> {
+  using raw = uint16_t;
+  using acc = float;
+  static float ld(uint16_t v) { return u2f(static_cast<uint32_t>(v) << 16); }
+  static uint16_t st(float f) {  // round to nearest even; NaN -> 0x7FC0 (as c10::BFloat16)
+    const uint32_t u = f2u(f);
+    const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    return (u & 0x7FFFFFFFu) > 0x7F800000u ? static_cast<uint16_t>(0x7FC0) : static_cast<uint16_t>(r);
+  }
+};
+
+template <>
+struct Store<at::Half> {  // IEEE half <-> float as c10::Half's portable path (FP16 library)
+  using raw = uint16_t;
+  using acc = float;
+  static float ld(uint16_t h) {
+    const uint32_t w = static_cast<uint32_t>(h) << 16;
+    const uint32_t sign = w & 0x80000000u;
+    const uint32_t two_w = w + w;
+    const float normalized = u2f((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+    const float denormalized = u2f((two_w >> 17) | (126u << 23)) - 0.5f;
+    const uint32_t result = sign | (two_w < (1u << 27) ? f2u(denormalized) : f2u(normalized));
+    return u2f(result);
+  }
+  static uint16_t st(float f) {
+    const float abs_f = u2f(f2u(f) & 0x7FFFFFFFu);
+    float base = (abs_f * 0x1.0p+112f) * 0x1.0p-110f;
+    const uint32_t w = f2u(f);
+    const uint32_t shl1_w = w + w;
+    const uint32_t sign = w & 0x80000000u;
+    uint32_t bias = shl1_w & 0xFF000000u;
+    bias = bias < 0x71000000u ? 0x71000000u : bias;
+    base = u2f((bias >> 1) + 0x07800000u) + base;
+    const uint32_t bits = f2u(base);
+    const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+    return static_cast<uint16_t>((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+  }
+};
+
+template <typename S>
+using raw_t = typename Store<S>::raw;
+template <typename S>
+using acc_t = typename Store<S>::acc;
+
+// Convert a compute value v to storage type D.
+template <typename D, typename V>
+inline raw_t<D> to_store(V v) {
+  return Store<D>::st(static_cast<acc_t<D>>(v));
+}
+
+// float16 <-> float32 arrays: F16C (+AVX) when the CPU has it, else the portable conversion.
+#ifdef LAYERPAR_X86
+__attribute__((target("avx,f16c"))) void half_to_float_f16c(const uint16_t* src, float* dst, int64_t n) {
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) {
+    _mm256_storeu_ps(dst + k, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k))));
+  }
+  for (; k < n; ++k) dst[k] = Store<at::Half>::ld(src[k]);
+}
+
+__attribute__((target("avx,f16c"))) void float_to_half_f16c(const float* src, uint16_t* dst, int64_t n) {
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) {
+    const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + k), _MM_FROUND_TO_NEAREST_INT);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + k), h);
+  }
+  for (; k < n; ++k) dst[k] = Store<at::Half>::st(src[k]);
+}
+
+// bfloat16: the portable conversions, compiled for AVX2 (the baseline ISA lacks the packs).
+__attribute__((target("avx2"))) void bf16_to_float_avx2(const uint16_t* src, float* dst, int64_t n) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) dst[k] = Store<at::BFloat16>::ld(src[k]);
+}
+
+__attribute__((target("avx2"))) void float_to_bf16_avx2(const float* src, uint16_t* dst, int64_t n) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) dst[k] = Store<at::BFloat16>::st(src[k]);
+}
+
+const bool kHasF16C = __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
+const bool kHasAVX2 = __builtin_cpu_supports("avx2");
+#else
+const bool kHasF16C = false;
+const bool kHasAVX2 = false;
+#endif
+
+void half_to_float(const uint16_t* src, float* dst, int64_t n) {
+#ifdef LAYERPAR_X86
+  if (kHasF16C) return half_to_float_f16c(src, dst, n);
+#endif
+  for (int64_t k = 0; k < n; ++k) dst[k] = Store<at::Half>::ld(src[k]);
+}
+
+void float_to_half(const float* src, uint16_t* dst, int64_t n) {
+#ifdef LAYERPAR_X86
+  if (kHasF16C) return float_to_half_f16c(src, dst, n);
+#endif
+  for (int64_t k = 0; k < n; ++k) dst[k] = Store<at::Half>::st(src[k]);
+}
+
+void bf16_to_float(const uint16_t* src, float* dst, int64_t n) {
+#ifdef LAYERPAR_X86
+  if (kHasAVX2) return bf16_to_float_avx2(src, dst, n);
+#endif
+  for (int64_t k = 0; k < n; ++k) dst[k] = Store<at::BFloat16>::ld(src[k]);
+}
+
+void float_to_bf16(const float* src, uint16_t* dst, int64_t n) {
+#ifdef LAYERPAR_X86
+  if (kHasAVX2) return float_to_bf16_avx2(src, dst, n);
+#endif
+  for (int64_t k = 0; k < n; ++k) dst[k] = Store<at::BFloat16>::st(src[k]);
+}
+
+constexpr int64_t kBlock = 256;  // elements per conversion block (stack buffers)
+
+// 16-bit storage types go through float32 blocks converted by the functions above.
+template <typename S>
+constexpr bool kIs16 = std::is_same_v<S, at::Half> || std::is_same_v<S, at::BFloat16>;
+// Loads alone: bfloat16 -> float32 is a shift that vectorises inline; float16 needs blocks.
+template <typename S>
+constexpr bool kIsHalf = std::is_same_v<S, at::Half>;
+
+template <typename S>
+void to_f32(const uint16_t* src, float* dst, int64_t n) {
+  if constexpr (std::is_same_v<S, at::Half>) half_to_float(src, dst, n);
+  else bf16_to_float(src, dst, n);
+}
+
+template <typename S>
+void from_f32(const float* src, uint16_t* dst, int64_t n) {
+  if constexpr (std::is_same_v<S, at::Half>) float_to_half(src, dst, n);
+  else float_to_bf16(src, dst, n);
+}
+
+// dst[k] = src[k] converted from storage type S to storage type D (any pair, float16 via F16C).
+template <typename D, typename S>
+void convert_row(const raw_t<S>* src, raw_t<D>* dst, int64_t n) {
+  if constexpr (std::is_same_v<D, S>) {
+    std::memcpy(dst, src, sizeof(raw_t<D>) * n);
+  } else if constexpr (kIs16<D> && std::is_same_v<S, float>) {
+    from_f32<D>(src, dst, n);
+  } else if constexpr (kIs16<S> && std::is_same_v<D, float>) {
+    to_f32<S>(src, dst, n);
+  } else if constexpr (kIs16<D> || kIs16<S>) {
+    float tmp[kBlock];
+    for (int64_t k0 = 0; k0 < n; k0 += kBlock) {
+      const int64_t m = std::min(kBlock, n - k0);
+      convert_row<float, S>(src + k0, tmp, m);
+      convert_row<D, float>(tmp, dst + k0, m);
+    }
+  } else {
+#pragma omp simd
+    for (int64_t k = 0; k < n; ++k) dst[k] = to_store<D>(Store<S>::ld(src[k]));
+  }
+}
+
+template <typename S>
+const raw_t<S>* cptr(const at::Tensor& t) {
+  return reinterpret_cast<const raw_t<S>*>(t.const_data_ptr());
+}
+template <typename S>
+raw_t<S>* mptr(const at::Tensor& t) {
+  return reinterpret_cast<raw_t<S>*>(t.mutable_data_ptr());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dispatch helpers.
 template <typename F>
 void dispatch_store(at::ScalarType st, const char* what, F&& f) {
   switch (st) {
@@ -96,7 +303,7 @@ RowIndex check_index(const at::Tensor& idx, int64_t n, const char* what) {
               ": the index tensor must be int64 or int32, got ", idx.scalar_type());
   const at::Tensor i64 = idx.to(at::kLong).contiguous();
   const int64_t b = i64.numel();
-  const int64_t* p = i64.data_ptr<int64_t>();
+  const int64_t* p = i64.const_data_ptr<int64_t>();
   RowIndex out;
   out.rows.assign(p, p + b);
   for (int64_t q = 0; q < b; ++q) {
@@ -134,27 +341,65 @@ void check_fine_coarse(const at::Tensor& fine, const at::Tensor& coarse, int64_t
 
 // ---------------------------------------------------------------------------------------------
 // Local loss. MODE 0: penalty (a − t), 1: AL Jacobi (a − t + m), 2: Gauss-Seidel.
+// One coarse row segment: av[j] (already averaged) against target/mult; writes a (if a != null)
+// and gc; returns the row's Σ r² (sq) and Σ a·m (lin).
 template <int MODE, typename T, typename S>
-inline void loss_point(T av, const S* tgt, const S* mult, int64_t q, T coef, T inv_b, T& sq, T& lin,
-                       T& g) {
-  const T t = static_cast<T>(tgt[q]);
-  if constexpr (MODE == 2) {
-    const T m = static_cast<T>(mult[q]);
-    const T diff = av - t;
-    lin += av * m;
-    sq += diff * diff;
-    g = (m + coef * diff) * inv_b;
+inline void loss_segment(const T* __restrict__ av, const raw_t<S>* __restrict__ tgt,
+                         const raw_t<S>* __restrict__ mult, T* __restrict__ a, T* __restrict__ gc, int64_t n,
+                         T coef, T inv_b, T& sq_out, T& lin_out) {
+  T sq = 0, lin = 0;
+#pragma omp simd reduction(+ : sq, lin)
+  for (int64_t j = 0; j < n; ++j) {
+    const T v = av[j];
+    const T t = static_cast<T>(Store<S>::ld(tgt[j]));
+    T g;
+    if constexpr (MODE == 2) {
+      const T m = static_cast<T>(Store<S>::ld(mult[j]));
+      const T diff = v - t;
+      lin += v * m;
+      sq += diff * diff;
+      g = (m + coef * diff) * inv_b;
+    } else {
+      T r = v - t;
+      if constexpr (MODE == 1) r += static_cast<T>(Store<S>::ld(mult[j]));
+      sq += r * r;
+      g = coef * r * inv_b;
+    }
+    if (a) a[j] = v;
+    gc[j] = g;
+  }
+  sq_out = sq;
+  lin_out = lin;
+}
+
+// loss_segment for any storage type: float16 rows are converted to float32 blocks first.
+template <int MODE, typename T, typename S>
+inline void loss_row(const T* av, const raw_t<S>* tgt, const raw_t<S>* mult, T* a, T* gc, int64_t n, T coef,
+                     T inv_b, T& sq_out, T& lin_out) {
+  if constexpr (kIsHalf<S>) {
+    float tb[kBlock], mb[kBlock];
+    T sq = 0, lin = 0;
+    for (int64_t k0 = 0; k0 < n; k0 += kBlock) {
+      const int64_t m = std::min(kBlock, n - k0);
+      to_f32<S>(tgt + k0, tb, m);
+      if (mult) to_f32<S>(mult + k0, mb, m);
+      T bsq, blin;
+      loss_segment<MODE, T, float>(av + k0, tb, mult ? mb : nullptr, a ? a + k0 : nullptr, gc + k0, m, coef,
+                                   inv_b, bsq, blin);
+      sq += bsq;
+      lin += blin;
+    }
+    sq_out = sq;
+    lin_out = lin;
   } else {
-    T r = av - t;
-    if constexpr (MODE == 1) r += static_cast<T>(mult[q]);
-    sq += r * r;
-    g = coef * r * inv_b;
+    loss_segment<MODE, T, S>(av, tgt, mult, a, gc, n, coef, inv_b, sq_out, lin_out);
   }
 }
 
+// o NCHW contiguous: one task per (b, c) plane. With s == 1, a aliases o (not written).
 template <int MODE, int SS, typename T, typename S>
-void local_loss_nchw(const T* o, const S* tgt, const S* mult, T* a, T* gc, double* psq, double* plin,
-                     int64_t B, int64_t C, int64_t h, int64_t w, int64_t s_rt, T coef, T inv_b) {
+void local_loss_nchw(const T* o, const raw_t<S>* tgt, const raw_t<S>* mult, T* a, T* gc, double* psq,
+                     double* plin, int64_t B, int64_t C, int64_t h, int64_t w, int64_t s_rt, T coef, T inv_b) {
   const int64_t s = SS ? SS : s_rt;
   const int64_t W = w * s;
   const T inv_s2 = T(1) / static_cast<T>(s * s);
@@ -164,28 +409,23 @@ void local_loss_nchw(const T* o, const S* tgt, const S* mult, T* a, T* gc, doubl
       const T* op = o + p * h * s * W;
       double sq = 0, lin = 0;
       for (int64_t i = 0; i < h; ++i) {
-        std::fill(acc.begin(), acc.end(), T(0));
-        for (int64_t dy = 0; dy < s; ++dy) {
-          const T* row = op + (i * s + dy) * W;
-          if constexpr (SS == 1) {
-            for (int64_t j = 0; j < w; ++j) acc[j] += row[j];
-          } else {
-            for (int64_t j = 0; j < w; ++j) {
-              T v = 0;
-              for (int64_t dx = 0; dx < s; ++dx) v += row[j * s + dx];
-              acc[j] += v;
-            }
-          }
-        }
         const int64_t q0 = (p * h + i) * w;
-        T rsq = 0, rlin = 0;
-        for (int64_t j = 0; j < w; ++j) {
-          const T av = acc[j] * inv_s2;
-          T g;
-          loss_point<MODE>(av, tgt, mult, q0 + j, coef, inv_b, rsq, rlin, g);
-          a[q0 + j] = av;
-          if (gc) gc[q0 + j] = g;
+        const T* av = op + i * W;  // s == 1: the row itself
+        if constexpr (SS != 1) {
+          T* ac = acc.data();
+          const T* row0 = op + i * s * W;
+#pragma omp simd
+          for (int64_t j = 0; j < w; ++j) {
+            T v = 0;
+            for (int64_t dy = 0; dy < s; ++dy)
+              for (int64_t dx = 0; dx < s; ++dx) v += row0[dy * W + j * s + dx];
+            ac[j] = v * inv_s2;
+          }
+          av = ac;
         }
+        T rsq, rlin;
+        loss_row<MODE, T, S>(av, tgt + q0, mult ? mult + q0 : nullptr, SS == 1 ? nullptr : a + q0, gc + q0, w,
+                             coef, inv_b, rsq, rlin);
         sq += rsq;
         lin += rlin;
       }
@@ -196,14 +436,13 @@ void local_loss_nchw(const T* o, const S* tgt, const S* mult, T* a, T* gc, doubl
 }
 
 // o channels_last: one task per (b, coarse row i); the channel loop is innermost (contiguous).
-template <int MODE, int SS, typename T, typename S>
-void local_loss_nhwc(const T* o, const S* tgt, const S* mult, T* a, T* gc, double* psq, double* plin,
-                     int64_t B, int64_t C, int64_t h, int64_t w, int64_t s_rt, T coef, T inv_b) {
-  const int64_t s = SS ? SS : s_rt;
+template <int MODE, typename T, typename S>
+void local_loss_nhwc(const T* o, const raw_t<S>* tgt, const raw_t<S>* mult, T* a, T* gc, double* psq,
+                     double* plin, int64_t B, int64_t C, int64_t h, int64_t w, int64_t s, T coef, T inv_b) {
   const int64_t W = w * s, H = h * s;
   const T inv_s2 = T(1) / static_cast<T>(s * s);
   at::parallel_for(0, B * h, grain_for(s * W * C), [&](int64_t t0, int64_t t1) {
-    std::vector<T> acc(w * C);
+    std::vector<T> acc(w * C), col(w);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / h, i = t % h;
       std::fill(acc.begin(), acc.end(), T(0));
@@ -213,20 +452,20 @@ void local_loss_nhwc(const T* o, const S* tgt, const S* mult, T* a, T* gc, doubl
           T* ac = acc.data() + j * C;
           for (int64_t dx = 0; dx < s; ++dx) {
             const T* px = row + (j * s + dx) * C;
+#pragma omp simd
             for (int64_t c = 0; c < C; ++c) ac[c] += px[c];
           }
         }
       }
-      T sq = 0, lin = 0;
+      double sq = 0, lin = 0;
       for (int64_t c = 0; c < C; ++c) {
         const int64_t q0 = ((b * C + c) * h + i) * w;
-        for (int64_t j = 0; j < w; ++j) {
-          const T av = acc[j * C + c] * inv_s2;
-          T g;
-          loss_point<MODE>(av, tgt, mult, q0 + j, coef, inv_b, sq, lin, g);
-          a[q0 + j] = av;
-          if (gc) gc[q0 + j] = g;
-        }
+        for (int64_t j = 0; j < w; ++j) col[j] = acc[j * C + c] * inv_s2;
+        T rsq, rlin;
+        loss_row<MODE, T, S>(col.data(), tgt + q0, mult ? mult + q0 : nullptr, a + q0, gc + q0, w, coef, inv_b,
+                             rsq, rlin);
+        sq += rsq;
+        lin += rlin;
       }
       psq[t] = sq;
       plin[t] = lin;
@@ -237,45 +476,68 @@ void local_loss_nhwc(const T* o, const S* tgt, const S* mult, T* a, T* gc, doubl
 // ---------------------------------------------------------------------------------------------
 // Upsampling (nearest) with optional row gather and scale.
 template <int SS, typename S, typename O>
-void upsample_nchw(const S* src, const int64_t* rows, O* out, int64_t B, int64_t C, int64_t h, int64_t w,
-                   int64_t s_rt, acc_t<O> scale) {
-  using A = acc_t<O>;
+void upsample_nchw(const raw_t<S>* src, const int64_t* rows, O* out, int64_t B, int64_t C, int64_t h, int64_t w,
+                   int64_t s_rt, O scale) {
   const int64_t s = SS ? SS : s_rt;
   const int64_t W = w * s;
   const int64_t d = C * h * w;
   at::parallel_for(0, B * C * h, grain_for(s * W), [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / (C * h), ci = t % (C * h);  // ci = c * h + i
-      const S* sp = src + (rows ? rows[b] : b) * d + ci * w;
-      O* op = out + (b * C * h + ci) * s * W;  // fine row (c, i*s) of sample b
-      if constexpr (SS == 1) {
-        for (int64_t j = 0; j < w; ++j) op[j] = static_cast<O>(static_cast<A>(sp[j]) * scale);
+      const raw_t<S>* __restrict__ sp = src + (rows ? rows[b] : b) * d + ci * w;
+      O* __restrict__ op = out + (b * C * h + ci) * s * W;  // fine row (c, i*s) of sample b
+      if constexpr (kIsHalf<S>) {
+        for (int64_t j0 = 0; j0 < w; j0 += kBlock) {
+          float vb[kBlock];
+          const int64_t m = std::min(kBlock, w - j0);
+          to_f32<S>(sp + j0, vb, m);
+#pragma omp simd
+          for (int64_t j = 0; j < m; ++j) {
+            const O v = static_cast<O>(vb[j]) * scale;
+            for (int64_t dx = 0; dx < s; ++dx) op[(j0 + j) * s + dx] = v;
+          }
+        }
       } else {
+#pragma omp simd
         for (int64_t j = 0; j < w; ++j) {
-          const O v = static_cast<O>(static_cast<A>(sp[j]) * scale);
+          const O v = static_cast<O>(Store<S>::ld(sp[j])) * scale;
           for (int64_t dx = 0; dx < s; ++dx) op[j * s + dx] = v;
         }
-        for (int64_t dy = 1; dy < s; ++dy) std::memcpy(op + dy * W, op, sizeof(O) * W);
+      }
+      for (int64_t dy = 1; dy < s; ++dy) std::memcpy(op + dy * W, op, sizeof(O) * W);
+    }
+  });
+}
+
+// s == 1, NCHW: whole sample rows, converted (and scaled unless scale == 1).
+template <typename S, typename O>
+void rows_scaled(const raw_t<S>* src, const int64_t* rows, O* out, int64_t B, int64_t d, O scale) {
+  at::parallel_for(0, B, grain_for(d), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      O* __restrict__ op = out + b * d;
+      convert_row<O, S>(src + (rows ? rows[b] : b) * d, op, d);
+      if (scale != O(1)) {
+#pragma omp simd
+        for (int64_t k = 0; k < d; ++k) op[k] *= scale;
       }
     }
   });
 }
 
-template <int SS, typename S, typename O>
-void upsample_nhwc(const S* src, const int64_t* rows, O* out, int64_t B, int64_t C, int64_t h, int64_t w,
-                   int64_t s_rt, acc_t<O> scale) {
-  using A = acc_t<O>;
-  const int64_t s = SS ? SS : s_rt;
+template <typename S, typename O>
+void upsample_nhwc(const raw_t<S>* src, const int64_t* rows, O* out, int64_t B, int64_t C, int64_t h, int64_t w,
+                   int64_t s, O scale) {
   const int64_t W = w * s, H = h * s;
   const int64_t hw = h * w, d = C * hw;
   at::parallel_for(0, B * h, grain_for(s * W * C), [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / h, i = t % h;
-      const S* sp = src + (rows ? rows[b] : b) * d + i * w;
-      O* op = out + (b * H + i * s) * W * C;
+      const raw_t<S>* __restrict__ sp = src + (rows ? rows[b] : b) * d + i * w;
+      O* __restrict__ op = out + (b * H + i * s) * W * C;
       for (int64_t j = 0; j < w; ++j) {
         O* px = op + j * s * C;
-        for (int64_t c = 0; c < C; ++c) px[c] = static_cast<O>(static_cast<A>(sp[c * hw + j]) * scale);
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) px[c] = static_cast<O>(Store<S>::ld(sp[c * hw + j])) * scale;
         for (int64_t dx = 1; dx < s; ++dx) std::memcpy(px + dx * C, px, sizeof(O) * C);
       }
       for (int64_t dy = 1; dy < s; ++dy) std::memcpy(op + dy * W * C, op, sizeof(O) * W * C);
@@ -286,104 +548,127 @@ void upsample_nhwc(const S* src, const int64_t* rows, O* out, int64_t B, int64_t
 // ---------------------------------------------------------------------------------------------
 // scale · sum pooling, float32 output.
 template <int SS, typename T>
-void sum_pool_nchw(const T* x, float* out, int64_t B, int64_t C, int64_t h, int64_t w, int64_t s_rt,
-                   float scale) {
-  using A = acc_t<T>;
+void sum_pool_nchw(const T* x, float* out, int64_t B, int64_t C, int64_t h, int64_t w, int64_t s_rt, T scale) {
   const int64_t s = SS ? SS : s_rt;
   const int64_t W = w * s;
   at::parallel_for(0, B * C * h, grain_for(s * W), [&](int64_t t0, int64_t t1) {
-    std::vector<A> acc(w);
     for (int64_t t = t0; t < t1; ++t) {
-      std::fill(acc.begin(), acc.end(), A(0));
-      const T* xp = x + t * s * W;  // t = (b*C + c)*h + i; fine rows i*s .. i*s+s-1
-      for (int64_t dy = 0; dy < s; ++dy) {
-        const T* row = xp + dy * W;
-        for (int64_t j = 0; j < w; ++j) {
-          A v = 0;
-          for (int64_t dx = 0; dx < s; ++dx) v += static_cast<A>(row[j * s + dx]);
-          acc[j] += v;
-        }
+      const T* __restrict__ row0 = x + t * s * W;  // t = (b*C + c)*h + i; fine rows i*s .. i*s+s-1
+      float* __restrict__ op = out + t * w;
+#pragma omp simd
+      for (int64_t j = 0; j < w; ++j) {
+        T v = 0;
+        for (int64_t dy = 0; dy < s; ++dy)
+          for (int64_t dx = 0; dx < s; ++dx) v += row0[dy * W + j * s + dx];
+        op[j] = static_cast<float>(v * scale);
       }
-      float* op = out + t * w;
-      for (int64_t j = 0; j < w; ++j) op[j] = static_cast<float>(acc[j] * static_cast<A>(scale));
     }
   });
 }
 
-template <int SS, typename T>
-void sum_pool_nhwc(const T* x, float* out, int64_t B, int64_t C, int64_t h, int64_t w, int64_t s_rt,
-                   float scale) {
-  using A = acc_t<T>;
-  const int64_t s = SS ? SS : s_rt;
+template <typename T>
+void sum_pool_nhwc(const T* x, float* out, int64_t B, int64_t C, int64_t h, int64_t w, int64_t s, T scale) {
   const int64_t W = w * s, H = h * s;
   at::parallel_for(0, B * h, grain_for(s * W * C), [&](int64_t t0, int64_t t1) {
-    std::vector<A> acc(w * C);
+    std::vector<T> acc(w * C);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / h, i = t % h;
-      std::fill(acc.begin(), acc.end(), A(0));
+      std::fill(acc.begin(), acc.end(), T(0));
       for (int64_t dy = 0; dy < s; ++dy) {
         const T* row = x + (b * H + i * s + dy) * W * C;
         for (int64_t j = 0; j < w; ++j) {
-          A* ac = acc.data() + j * C;
+          T* __restrict__ ac = acc.data() + j * C;
           for (int64_t dx = 0; dx < s; ++dx) {
-            const T* px = row + (j * s + dx) * C;
-            for (int64_t c = 0; c < C; ++c) ac[c] += static_cast<A>(px[c]);
+            const T* __restrict__ px = row + (j * s + dx) * C;
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) ac[c] += px[c];
           }
         }
       }
       for (int64_t c = 0; c < C; ++c) {
         float* op = out + ((b * C + c) * h + i) * w;
-        for (int64_t j = 0; j < w; ++j) op[j] = static_cast<float>(acc[j * C + c] * static_cast<A>(scale));
+        for (int64_t j = 0; j < w; ++j) op[j] = static_cast<float>(acc[j * C + c] * scale);
       }
     }
   });
 }
 
 // ---------------------------------------------------------------------------------------------
-// Jacobi λ-step. in_place: write the store rows directly (no repeated indices); otherwise write
-// the new rows to out / u_out only (the caller scatters the last occurrences).
-template <bool HAS_U, typename S>
-void jacobi_rows(S* lam, S* u, const int64_t* rows, const float* a, const float* g, S* out, S* u_out,
-                 int64_t B, int64_t d, float cg, float c1g, float cgd, bool in_place) {
+// Jacobi λ-step on one row. IN_PLACE: write the store rows (lr, ur) and the message row; else
+// write the message row and the new u row to uo only (the caller scatters last occurrences).
+template <bool HAS_U, bool IN_PLACE, typename S>
+inline void jacobi_row(raw_t<S>* __restrict__ lr, raw_t<S>* __restrict__ ur, const float* __restrict__ ar,
+                       const float* __restrict__ gr, raw_t<S>* __restrict__ orow, raw_t<S>* __restrict__ uo,
+                       int64_t d, float cg, float c1g, float cgd) {
+#pragma omp simd
+  for (int64_t k = 0; k < d; ++k) {
+    const float l = static_cast<float>(Store<S>::ld(lr[k]));
+    const float av = ar[k];
+    float uk = 0.0f;
+    if constexpr (HAS_U) uk = static_cast<float>(Store<S>::ld(ur[k]));
+    const float ln = cg * (av + uk) + c1g * l - cgd * gr[k];
+    const raw_t<S> lns = to_store<S>(ln);
+    orow[k] = lns;
+    if constexpr (IN_PLACE) lr[k] = lns;
+    if constexpr (HAS_U) {
+      const raw_t<S> un = to_store<S>(uk + (av - ln));
+      if constexpr (IN_PLACE) {
+        ur[k] = un;
+      } else {
+        uo[k] = un;
+      }
+    }
+  }
+}
+
+// 16-bit rows: blocks converted to float32, the same arithmetic, converted back.
+template <bool HAS_U, bool IN_PLACE, typename S>
+void jacobi_row16(uint16_t* lr, uint16_t* ur, const float* ar, const float* gr, uint16_t* orow, uint16_t* uo,
+                     int64_t d, float cg, float c1g, float cgd) {
+  float lb[kBlock], ub[kBlock], ln[kBlock], un[kBlock];
+  for (int64_t k0 = 0; k0 < d; k0 += kBlock) {
+    const int64_t m = std::min(kBlock, d - k0);
+    to_f32<S>(lr + k0, lb, m);
+    if constexpr (HAS_U) to_f32<S>(ur + k0, ub, m);
+    const float* __restrict__ ak = ar + k0;
+    const float* __restrict__ gk = gr + k0;
+#pragma omp simd
+    for (int64_t k = 0; k < m; ++k) {
+      const float uk = HAS_U ? ub[k] : 0.0f;
+      ln[k] = cg * (ak[k] + uk) + c1g * lb[k] - cgd * gk[k];
+      if constexpr (HAS_U) un[k] = uk + (ak[k] - ln[k]);
+    }
+    from_f32<S>(ln, orow + k0, m);
+    if constexpr (IN_PLACE) std::memcpy(lr + k0, orow + k0, sizeof(uint16_t) * m);
+    if constexpr (HAS_U) from_f32<S>(un, (IN_PLACE ? ur : uo) + k0, m);
+  }
+}
+
+template <bool HAS_U, bool IN_PLACE, typename S>
+void jacobi_rows(raw_t<S>* lam, raw_t<S>* u, const int64_t* rows, const float* a, const float* g, raw_t<S>* out,
+                 raw_t<S>* u_out, int64_t B, int64_t d, float cg, float c1g, float cgd) {
   at::parallel_for(0, B, grain_for(d), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      S* lr = lam + rows[b] * d;
-      S* ur = HAS_U ? u + rows[b] * d : nullptr;
-      const float* ar = a + b * d;
-      const float* gr = g + b * d;
-      S* orow = out + b * d;
-      S* uo = HAS_U ? (in_place ? ur : u_out + b * d) : nullptr;
-      for (int64_t k = 0; k < d; ++k) {
-        const float l = static_cast<float>(lr[k]);
-        float au = ar[k];
-        float uk = 0;
-        if constexpr (HAS_U) {
-          uk = static_cast<float>(ur[k]);
-          au += uk;
-        }
-        const float ln = cg * au + c1g * l - cgd * gr[k];
-        const S lns = static_cast<S>(ln);
-        orow[k] = lns;
-        if (in_place) lr[k] = lns;
-        if constexpr (HAS_U) uo[k] = static_cast<S>(uk + (ar[k] - ln));
+      if constexpr (kIs16<S>) {
+        jacobi_row16<HAS_U, IN_PLACE, S>(lam + rows[b] * d, HAS_U ? u + rows[b] * d : nullptr, a + b * d, g + b * d,
+                                         out + b * d, (HAS_U && !IN_PLACE) ? u_out + b * d : nullptr, d, cg, c1g,
+                                         cgd);
+        continue;
       }
+      jacobi_row<HAS_U, IN_PLACE, S>(lam + rows[b] * d, HAS_U ? u + rows[b] * d : nullptr, a + b * d, g + b * d,
+                                     out + b * d, (HAS_U && !IN_PLACE) ? u_out + b * d : nullptr, d, cg, c1g, cgd);
     }
   });
 }
 
-// store rows[p] = src[p] for the positions p flagged in `last` (distinct destinations).
+// store rows[p] = src[p] (cast) for the positions p flagged in `last` (distinct destinations).
 template <typename D, typename S>
-void scatter_last(D* store, const int64_t* rows, const uint8_t* last, const S* src, int64_t B, int64_t d) {
+void scatter_last(raw_t<D>* store, const int64_t* rows, const uint8_t* last, const raw_t<S>* src, int64_t B,
+                  int64_t d) {
   at::parallel_for(0, B, grain_for(d), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       if (!last[b]) continue;
-      D* dst = store + rows[b] * d;
-      const S* sp = src + b * d;
-      if constexpr (std::is_same_v<D, S>) {
-        std::memcpy(dst, sp, sizeof(D) * d);
-      } else {
-        for (int64_t k = 0; k < d; ++k) dst[k] = static_cast<D>(static_cast<acc_t<S>>(sp[k]));
-      }
+      convert_row<D, S>(src + b * d, store + rows[b] * d, d);
     }
   });
 }
@@ -414,8 +699,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> local_loss_fwd(
   const int64_t B = o.size(0), C = o.size(1), h = t.size(2), w = t.size(3);
   const int64_t d = C * h * w;
   TORCH_CHECK(B > 0 && d > 0, what, ": empty input of shape ", o.sizes());
-  at::Tensor a = at::empty(t.sizes(), o.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor gc = need_grad ? at::empty_like(a) : at::Tensor();
+  // s == 1 with float32 NCHW o: a equals o, the caller aliases it (returned undefined here).
+  const bool alias_a = s == 1 && !nhwc && o.scalar_type() == at::kFloat;
+  const auto coarse_opts = o.options().memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor a = alias_a ? at::Tensor() : at::empty(t.sizes(), coarse_opts);
+  at::Tensor gc = at::empty(t.sizes(), coarse_opts);  // written even without need_grad (then dropped)
   const int64_t ntask = nhwc ? B * h : B * C;
   std::vector<double> psq(ntask, 0.0), plin(ntask, 0.0);
   const int mode = gs ? 2 : (m.defined() ? 1 : 0);
@@ -424,19 +712,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> local_loss_fwd(
     using S = decltype(stag);
     const T coef = static_cast<T>(beta / static_cast<double>(d));
     const T inv_b = T(1) / static_cast<T>(B);
-    const S* mp = m.defined() ? m.data_ptr<S>() : nullptr;
-    T* gp = need_grad ? gc.data_ptr<T>() : nullptr;
+    const raw_t<S>* mp = m.defined() ? cptr<S>(m) : nullptr;
+    T* ap = a.defined() ? a.mutable_data_ptr<T>() : nullptr;
+    T* gp = gc.mutable_data_ptr<T>();
+    const T* op = o.const_data_ptr<T>();
     auto run = [&](auto mode_c) {
       constexpr int MODE = decltype(mode_c)::value;
       if (nhwc) {
-        local_loss_nhwc<MODE, 0, T, S>(o.data_ptr<T>(), t.data_ptr<S>(), mp, a.data_ptr<T>(), gp, psq.data(),
-                                       plin.data(), B, C, h, w, s, coef, inv_b);
+        local_loss_nhwc<MODE, T, S>(op, cptr<S>(t), mp, ap, gp, psq.data(), plin.data(), B, C, h, w, s, coef,
+                                    inv_b);
         return;
       }
       dispatch_s(s, std::is_same_v<T, float>, [&](auto sc) {
         constexpr int SS = decltype(sc)::value;
-        local_loss_nchw<MODE, SS, T, S>(o.data_ptr<T>(), t.data_ptr<S>(), mp, a.data_ptr<T>(), gp, psq.data(),
-                                        plin.data(), B, C, h, w, s, coef, inv_b);
+        local_loss_nchw<MODE, SS, T, S>(op, cptr<S>(t), mp, ap, gp, psq.data(), plin.data(), B, C, h, w, s, coef,
+                                        inv_b);
       });
     };
     if (mode == 0) run(std::integral_constant<int, 0>{});
@@ -449,7 +739,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> local_loss_fwd(
     lin += plin[k];
   }
   const double loss = (lin + 0.5 * (beta / static_cast<double>(d)) * sq) / static_cast<double>(B);
-  return {at::scalar_tensor(loss, o.options()), a, gc};
+  return {at::scalar_tensor(loss, o.options()), a, need_grad ? gc : at::Tensor()};
 }
 
 at::Tensor upsample_rows(const at::Tensor& src_in, const std::optional<at::Tensor>& idx, int64_t s,
@@ -474,14 +764,19 @@ at::Tensor upsample_rows(const at::Tensor& src_in, const std::optional<at::Tenso
   dispatch_pair(out_dtype, src.scalar_type(), what, [&](auto otag, auto stag) {
     using O = decltype(otag);
     using S = decltype(stag);
-    const auto sca = static_cast<acc_t<O>>(scale);
+    const O sca = static_cast<O>(scale);
+    O* op = out.mutable_data_ptr<O>();
     if (nhwc) {
-      upsample_nhwc<0, S, O>(src.data_ptr<S>(), rows, out.data_ptr<O>(), B, C, h, w, s, sca);
+      upsample_nhwc<S, O>(cptr<S>(src), rows, op, B, C, h, w, s, sca);
+      return;
+    }
+    if (s == 1) {
+      rows_scaled<S, O>(cptr<S>(src), rows, op, B, C * h * w, sca);
       return;
     }
     dispatch_s(s, std::is_same_v<O, float>, [&](auto sc) {
       constexpr int SS = decltype(sc)::value;
-      upsample_nchw<SS, S, O>(src.data_ptr<S>(), rows, out.data_ptr<O>(), B, C, h, w, s, sca);
+      upsample_nchw<SS, S, O>(cptr<S>(src), rows, op, B, C, h, w, s, sca);
     });
   });
   return out;
@@ -494,23 +789,24 @@ at::Tensor sum_pool(const at::Tensor& x_in, int64_t s, double scale) {
   TORCH_CHECK(x_in.dim() == 4, what, ": expected a 4-D (B, C, H, W) tensor, got shape ", x_in.sizes());
   TORCH_CHECK(x_in.size(2) % s == 0 && x_in.size(3) % s == 0, what, ": s=", s,
               " does not divide the spatial shape ", x_in.sizes());
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble, what, ": dtype ",
+              x_in.scalar_type(), " is not supported (valid: float32, float64)");
   const bool nhwc = is_channels_last(x_in);
   const at::Tensor x = nhwc ? x_in : x_in.contiguous();
   const int64_t B = x.size(0), C = x.size(1), h = x.size(2) / s, w = x.size(3) / s;
   at::Tensor out = at::empty({B, C, h, w}, x.options().dtype(at::kFloat));
   if (out.numel() == 0) return out;
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, what, ": dtype ",
-              x.scalar_type(), " is not supported (valid: float32, float64)");
-  const float sc32 = static_cast<float>(scale);
+  float* op = out.mutable_data_ptr<float>();
   if (x.scalar_type() == at::kDouble) {
-    if (nhwc) sum_pool_nhwc<0, double>(x.data_ptr<double>(), out.data_ptr<float>(), B, C, h, w, s, sc32);
-    else sum_pool_nchw<0, double>(x.data_ptr<double>(), out.data_ptr<float>(), B, C, h, w, s, sc32);
+    const double* xp = x.const_data_ptr<double>();
+    if (nhwc) sum_pool_nhwc<double>(xp, op, B, C, h, w, s, scale);
+    else sum_pool_nchw<0, double>(xp, op, B, C, h, w, s, scale);
   } else if (nhwc) {
-    sum_pool_nhwc<0, float>(x.data_ptr<float>(), out.data_ptr<float>(), B, C, h, w, s, sc32);
+    sum_pool_nhwc<float>(x.const_data_ptr<float>(), op, B, C, h, w, s, static_cast<float>(scale));
   } else {
     dispatch_s(s, true, [&](auto sc) {
       constexpr int SS = decltype(sc)::value;
-      sum_pool_nchw<SS, float>(x.data_ptr<float>(), out.data_ptr<float>(), B, C, h, w, s, sc32);
+      sum_pool_nchw<SS, float>(x.const_data_ptr<float>(), op, B, C, h, w, s, static_cast<float>(scale));
     });
   }
   return out;
@@ -546,24 +842,25 @@ at::Tensor jacobi_update_(at::Tensor& lam_store, const std::optional<at::Tensor>
   const float cg = static_cast<float>(gamma);
   const float c1g = static_cast<float>(1.0 - gamma);
   const float cgd = static_cast<float>(gamma * static_cast<double>(d) / beta);
+  const float* ap = a.const_data_ptr<float>();
+  const float* gp = g.const_data_ptr<float>();
   dispatch_store(lam_store.scalar_type(), what, [&](auto tag) {
     using S = decltype(tag);
-    S* lp = lam_store.data_ptr<S>();
-    S* up = has_u ? u_store->data_ptr<S>() : nullptr;
-    at::Tensor u_tmp = (has_u && ri.has_dup) ? at::empty(shape, lam_store.options()) : at::Tensor();
-    S* utp = u_tmp.defined() ? u_tmp.data_ptr<S>() : nullptr;
-    const bool in_place = !ri.has_dup;
-    if (has_u) {
-      jacobi_rows<true, S>(lp, up, ri.rows.data(), a.data_ptr<float>(), g.data_ptr<float>(), out.data_ptr<S>(),
-                           utp, B, d, cg, c1g, cgd, in_place);
-    } else {
-      jacobi_rows<false, S>(lp, up, ri.rows.data(), a.data_ptr<float>(), g.data_ptr<float>(),
-                            out.data_ptr<S>(), utp, B, d, cg, c1g, cgd, in_place);
+    raw_t<S>* lp = mptr<S>(lam_store);
+    raw_t<S>* up = has_u ? mptr<S>(*u_store) : nullptr;
+    raw_t<S>* outp = mptr<S>(out);
+    if (!ri.has_dup) {
+      if (has_u) jacobi_rows<true, true, S>(lp, up, ri.rows.data(), ap, gp, outp, nullptr, B, d, cg, c1g, cgd);
+      else jacobi_rows<false, true, S>(lp, nullptr, ri.rows.data(), ap, gp, outp, nullptr, B, d, cg, c1g, cgd);
+      return;
     }
-    if (!in_place) {
-      scatter_last<S, S>(lp, ri.rows.data(), ri.last.data(), out.data_ptr<S>(), B, d);
-      if (has_u) scatter_last<S, S>(up, ri.rows.data(), ri.last.data(), utp, B, d);
-    }
+    // Repeated rows: compute every occurrence from the old rows, then store the last ones.
+    at::Tensor u_tmp = has_u ? at::empty(shape, lam_store.options()) : at::Tensor();
+    raw_t<S>* utp = has_u ? mptr<S>(u_tmp) : nullptr;
+    if (has_u) jacobi_rows<true, false, S>(lp, up, ri.rows.data(), ap, gp, outp, utp, B, d, cg, c1g, cgd);
+    else jacobi_rows<false, false, S>(lp, nullptr, ri.rows.data(), ap, gp, outp, nullptr, B, d, cg, c1g, cgd);
+    scatter_last<S, S>(lp, ri.rows.data(), ri.last.data(), outp, B, d);
+    if (has_u) scatter_last<S, S>(up, ri.rows.data(), ri.last.data(), utp, B, d);
   });
   return out;
 }
@@ -580,8 +877,8 @@ at::Tensor gather_rows_out(const at::Tensor& store, const at::Tensor& idx, at::T
               what, ": out must be a contiguous CPU ", store.scalar_type(), " tensor of ", B * d, " elements");
   if (B == 0 || d == 0) return out;
   const int64_t row_bytes = d * static_cast<int64_t>(store.element_size());
-  const char* sp = static_cast<const char*>(store.data_ptr());
-  char* op = static_cast<char*>(out.data_ptr());
+  const char* sp = static_cast<const char*>(store.const_data_ptr());
+  char* op = static_cast<char*>(out.mutable_data_ptr());
   const int64_t* rows = ri.rows.data();
   at::parallel_for(0, B, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, row_bytes)),
                    [&](int64_t b0, int64_t b1) {
@@ -606,7 +903,7 @@ void scatter_rows_(at::Tensor& store, const at::Tensor& idx, const at::Tensor& r
     using D = decltype(dtag);
     dispatch_store(rows.scalar_type(), what, [&](auto stag) {
       using S = decltype(stag);
-      scatter_last<D, S>(store.data_ptr<D>(), ri.rows.data(), ri.last.data(), rows.data_ptr<S>(), B, d);
+      scatter_last<D, S>(mptr<D>(store), ri.rows.data(), ri.last.data(), cptr<S>(rows), B, d);
     });
   });
 }

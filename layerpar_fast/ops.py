@@ -207,8 +207,10 @@ def _cpp_fwd(o: torch.Tensor, target: torch.Tensor, mult: torch.Tensor | None, b
 
 def _cpp_bwd(gc: torch.Tensor, grad_loss: torch.Tensor, s: int, dtype: torch.dtype,
              channels_last: bool) -> torch.Tensor:
-    scale = float(grad_loss) / float(s * s)
-    return _cpp().upsample_rows(gc, None, s, scale, dtype, channels_last)
+    scale = float(grad_loss)
+    if s == 1 and not channels_last and scale == 1.0 and gc.dtype == dtype:
+        return gc  # grad_o = gc: no pass at all (autograd copies before accumulating into a leaf)
+    return _cpp().upsample_rows(gc, None, s, scale / float(s * s), dtype, channels_last)
 
 
 def _triton_fwd(o: torch.Tensor, target: torch.Tensor, mult: torch.Tensor | None, beta: float, gs: bool,
@@ -234,6 +236,8 @@ class _FusedLocalLoss(torch.autograd.Function):
                 beta: float, gs: bool, s: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
         need_grad = bool(ctx.needs_input_grad[0])
         loss, a, gc = _IMPLS[backend][0](o, target, mult, beta, gs, s, need_grad)
+        if a is None:  # s = 1, float32 NCHW: a aliases o; local_loss() fills it in
+            a = o.new_empty(0)
         ctx.mark_non_differentiable(a)
         ctx.gc = gc
         ctx.meta = (s, o.dtype, _is_cl(o), backend)
@@ -286,14 +290,17 @@ def local_loss(o: torch.Tensor, target: torch.Tensor, mult: torch.Tensor | None,
             t = t.to(want)
             m = None if m is None else m.to(want)
     loss, a = _FusedLocalLoss.apply(x, t, m, float(beta), form == "gs", filt.s, backend)
+    if a.numel() == 0:
+        a = x.detach()  # s = 1: a = D(o) = o, shared like the reference's o.float().detach()
     return loss, a.float()
 
 
 # --------------------------------------------------------------------------- coarse input grad
 def coarse_input_grad(grad_z: torch.Tensor, filt: FilterPair) -> torch.Tensor:
-    """g = B·Uᵀ(grad_z), float32 (B, C, H/s, W/s)."""
+    """g = B·Uᵀ(grad_z), float32 (B, C, H/s, W/s). At s = 1 this is one scaling op and every
+    backend runs the reference (there is nothing to fuse)."""
     backend = _backend_for(grad_z.device)
-    if backend == "ref" or (filt.kind != "avg_nearest" and filt.s > 1) or grad_z.dim() != 4:
+    if backend == "ref" or filt.s == 1 or filt.kind != "avg_nearest" or grad_z.dim() != 4:
         return ref.coarse_input_grad(grad_z, filt)
     filt.check_shape(tuple(grad_z.shape[1:]), "input-gradient")
     if backend == "cpp":
@@ -337,15 +344,24 @@ def jacobi_update_(lam_store: torch.Tensor, u_store: torch.Tensor | None, idx: t
 
 
 # ------------------------------------------------------------------------------ gather/scatter
-def gather_rows(store: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """store[idx] in the store dtype (cpp: multi-threaded copy into pinned memory when CUDA is
-    available, so a following ``.to('cuda', non_blocking=True)`` is asynchronous)."""
+def gather_rows(store: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """store[idx] in the store dtype, written into ``out`` (a staging buffer of shape
+    (len(idx), *row) and the store dtype) when given. cpp: a multi-threaded row copy into
+    pinned memory when CUDA is available, so a following ``.to('cuda', non_blocking=True)`` is
+    asynchronous."""
     backend = _backend_for(store.device)
-    if backend == "cpp" and _contig_store(store):
-        out = torch.empty((len(idx), *store.shape[1:]), dtype=store.dtype, pin_memory=_pinned_available())
+    shape = (len(idx), *store.shape[1:])
+    if out is not None and (tuple(out.shape) != shape or out.dtype != store.dtype or out.device != store.device):
+        raise ValueError(f"gather_rows: out is {tuple(out.shape)}/{out.dtype}/{out.device}, expected "
+                         f"{shape}/{store.dtype}/{store.device}")
+    if backend == "cpp" and _contig_store(store) and (out is None or out.is_contiguous()):
+        if out is None:
+            out = torch.empty(shape, dtype=store.dtype, pin_memory=_pinned_available())
         return _cpp().gather_rows_out(store, _cpu_index(idx), out)
     idx = _check_index(idx, store.shape[0], "gather_rows")
-    return ref.gather_rows(store, idx)
+    if out is None:
+        return ref.gather_rows(store, idx)
+    return torch.index_select(store, 0, idx, out=out)
 
 
 def scatter_rows_(store: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> None:
@@ -494,10 +510,7 @@ class StagingRing:
             host = torch.empty(max(need, 1), dtype=store.dtype, pin_memory=True)
             self._host[slot] = host
         view = host[:need].view(shape)
-        if _ext.available() and _contig_store(store):
-            _cpp().gather_rows_out(store, _cpu_index(idx), view)
-        else:
-            torch.index_select(store, 0, _check_index(idx, store.shape[0], "StagingRing.prefetch"), out=view)
+        gather_rows(store, idx, out=view)
         with torch.cuda.stream(self._side):
             dev = view.to(self.device, non_blocking=True)
             event = torch.cuda.Event()

@@ -160,7 +160,8 @@ def test_coarse_input_grad_matches_reference(cpp: None, s: int, channels_last: b
         gz = _fine(b, c, h, s, channels_last)
         g = ops.coarse_input_grad(gz, filt)
         _close(g, ref.coarse_input_grad(gz, filt))
-        assert g.dtype == torch.float32 and g.is_contiguous()
+        assert g.dtype == torch.float32
+        assert g.is_contiguous() or s == 1  # s = 1 runs the reference scaling, which keeps the layout
 
 
 def test_coarse_input_grad_bilinear_uses_reference(cpp: None) -> None:

@@ -1,0 +1,253 @@
+"""Micro-benchmarks of the fused ops (layerpar_fast.ops) against the reference torch composition.
+
+Two ways to run it (CPU; CIFAR-size shapes: batch 128, cuts 16x32x32 and 32x16x16, s = 1, 2, 4):
+
+    python -m pytest bench/bench_ops.py --benchmark-only          # pytest-benchmark table
+    python bench/bench_ops.py [--write bench/results/ops_cpu.md]  # ratio table (+ markdown)
+
+Per case: the fused op (``LAYERPAR_OPS=cpp``) against the reference (``LAYERPAR_OPS=ref``, i.e.
+objectives.py: the composition of torch ops the engine would run otherwise), and the achieved
+bytes/s of the fused op against a plain memcpy (``dst.copy_(src)``) of the same number of bytes.
+gather/scatter are compared with ``torch.index_select(out=)`` / ``index_copy_`` (+ the cast) into
+pinned memory when CUDA is available, else ordinary memory (CPU-only torch cannot pin).
+Timing: warm-up excluded, fused/reference/memcpy interleaved round by round, median of rounds.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+
+from layerpar_fast import _ext, ops
+from layerpar_fast.filters import FilterPair
+
+BATCH = 128
+CUTS = ((16, 32, 32), (32, 16, 16))
+FACTORS = (1, 2, 4)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+OPS = ("local_loss", "coarse_input_grad", "jacobi_update_", "stage_input", "gather_rows", "scatter_rows_")
+STORE_ROWS = 1024  # rows in the benchmark stores (the batch reads 128 of them, shuffled)
+BETA, GAMMA = 4.0, 0.5
+
+
+@dataclass
+class Case:
+    """One benchmark case: the two implementations, the baseline memcpy and the bytes moved."""
+
+    fused: Callable[[], Any]
+    ref: Callable[[], Any]
+    memcpy: Callable[[], Any]
+    nbytes: int
+    baseline: str
+
+
+def _env(backend: str) -> Callable[[Callable[[], Any]], Callable[[], Any]]:
+    def wrap(fn: Callable[[], Any]) -> Callable[[], Any]:
+        def run() -> Any:
+            old = os.environ.get("LAYERPAR_OPS")
+            os.environ["LAYERPAR_OPS"] = backend
+            try:
+                return fn()
+            finally:
+                if old is None:
+                    del os.environ["LAYERPAR_OPS"]
+                else:
+                    os.environ["LAYERPAR_OPS"] = old
+        return run
+    return wrap
+
+
+def _memcpy(nbytes: int) -> Callable[[], Any]:
+    """A copy that reads nbytes/2 and writes nbytes/2 (nbytes of traffic)."""
+    half = max(1, nbytes // 2)
+    src = torch.ones(half, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    return lambda: dst.copy_(src)
+
+
+def make_case(op: str, cut: tuple[int, int, int], s: int, dt: str) -> Case:
+    """Inputs and callables for one (op, cut, s, store dtype)."""
+    gen = torch.Generator().manual_seed(0)
+    dtype = DTYPES[dt]
+    esz = torch.empty((), dtype=dtype).element_size()
+    c, hh, ww = cut
+    h, w = hh // s, ww // s
+    filt = FilterPair(s)
+    n_fine, n_coarse = BATCH * c * hh * ww, BATCH * c * h * w
+    idx = torch.randperm(STORE_ROWS, generator=gen)[:BATCH]
+
+    def store() -> torch.Tensor:
+        return torch.randn(STORE_ROWS, c, h, w, generator=gen).to(dtype)
+
+    if op == "local_loss":
+        o = torch.randn(BATCH, c, hh, ww, generator=gen, requires_grad=True)
+        tgt = torch.randn(BATCH, c, h, w, generator=gen).to(dtype)
+        mult = torch.randn(BATCH, c, h, w, generator=gen).to(dtype)
+
+        def step() -> None:
+            loss, _ = ops.local_loss(o, tgt, mult, BETA, "jacobi", filt)
+            loss.backward()
+            o.grad = None
+
+        # minimal traffic: read o, target, mult; write a (s > 1; at s = 1 a is o) and grad_o
+        nbytes = 4 * n_fine + 2 * esz * n_coarse + (4 * n_coarse if s > 1 else 0) + 4 * n_fine
+        return Case(_env("cpp")(step), _env("ref")(step), _memcpy(nbytes), nbytes, "memcpy")
+    if op == "coarse_input_grad":
+        gz = torch.randn(BATCH, c, hh, ww, generator=gen)
+        fn = lambda: ops.coarse_input_grad(gz, filt)  # noqa: E731
+        nbytes = 4 * n_fine + 4 * n_coarse
+        return Case(_env("cpp")(fn), _env("ref")(fn), _memcpy(nbytes), nbytes, "memcpy")
+    if op == "jacobi_update_":
+        lam, u = store(), store()
+        a = torch.randn(BATCH, c, h, w, generator=gen)
+        g = torch.randn(BATCH, c, h, w, generator=gen)
+        fn = lambda: ops.jacobi_update_(lam, u, idx, a, g, BETA, GAMMA)  # noqa: E731
+        nbytes = 2 * esz * n_coarse + 2 * 4 * n_coarse + 3 * esz * n_coarse
+        return Case(_env("cpp")(fn), _env("ref")(fn), _memcpy(nbytes), nbytes, "memcpy")
+    if op == "stage_input":
+        st = store()
+        fn = lambda: ops.stage_input(st, idx, filt)  # noqa: E731
+        nbytes = esz * n_coarse + 4 * n_fine
+        return Case(_env("cpp")(fn), _env("ref")(fn), _memcpy(nbytes), nbytes, "memcpy")
+    pin = torch.cuda.is_available()
+    st = store()
+    if op == "gather_rows":
+        out = torch.empty((BATCH, c, h, w), dtype=dtype, pin_memory=pin)
+        base = lambda: torch.index_select(st, 0, idx, out=out)  # noqa: E731
+        fn = lambda: ops.gather_rows(st, idx)  # noqa: E731
+        nbytes = 2 * esz * n_coarse
+        return Case(_env("cpp")(fn), base, _memcpy(nbytes), nbytes, "index_select")
+    if op == "scatter_rows_":
+        rows = torch.randn(BATCH, c, h, w, generator=gen)  # fp32 rows cast into the store
+        if pin:
+            rows = rows.pin_memory()
+        base = lambda: st.index_copy_(0, idx, rows.to(dtype))  # noqa: E731
+        fn = lambda: ops.scatter_rows_(st, idx, rows)  # noqa: E731
+        nbytes = 4 * n_coarse + esz * n_coarse
+        return Case(_env("cpp")(fn), base, _memcpy(nbytes), nbytes, "index_copy_")
+    raise ValueError(f"unknown op {op!r}; valid: {OPS}")
+
+
+def _cases() -> list[tuple[str, tuple[int, int, int], int, str]]:
+    return [(op, cut, s, dt) for op in OPS for cut in CUTS for s in FACTORS for dt in DTYPES]
+
+
+def _id(case: tuple[str, tuple[int, int, int], int, str]) -> str:
+    op, cut, s, dt = case
+    return f"{op}-{'x'.join(map(str, cut))}-s{s}-{dt}"
+
+
+# --------------------------------------------------------------------------- pytest-benchmark
+@pytest.mark.skipif(not _ext.available(), reason="C++ extension layerpar_fast._C not built")
+@pytest.mark.parametrize("impl", ["fused", "ref", "memcpy"])
+@pytest.mark.parametrize("case", _cases(), ids=_id)
+def test_bench_ops(benchmark: Any, case: tuple[str, tuple[int, int, int], int, str], impl: str) -> None:
+    c = make_case(*case)
+    benchmark.group = _id(case)
+    benchmark.extra_info["bytes"] = c.nbytes
+    benchmark(getattr(c, impl))
+
+
+# ------------------------------------------------------------------------------- script mode
+def _time(fns: list[Callable[[], Any]], rounds: int, min_s: float = 0.02) -> list[float]:
+    """Median seconds per call of each fn; fns interleaved round by round, warm-up excluded."""
+    reps = []
+    for fn in fns:
+        for _ in range(3):
+            fn()
+        t0 = time.perf_counter()
+        fn()
+        one = max(time.perf_counter() - t0, 1e-6)
+        reps.append(max(1, int(min_s / one)))
+    samples: list[list[float]] = [[] for _ in fns]
+    for _ in range(rounds):
+        for k, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            for _ in range(reps[k]):
+                fn()
+            samples[k].append((time.perf_counter() - t0) / reps[k])
+    return [statistics.median(v) for v in samples]
+
+
+def machine() -> str:
+    """CPU model name (lscpu), core count, torch version and threads."""
+    model = platform.processor() or "unknown CPU"
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        model = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        pass
+    return (f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+            f"pinned memory: {'yes' if torch.cuda.is_available() else 'no (CPU-only torch; ordinary memory)'}")
+
+
+def run(rounds: int) -> list[dict[str, Any]]:
+    rows = []
+    for case in _cases():
+        c = make_case(*case)
+        t_fused, t_ref, t_copy = _time([c.fused, c.ref, c.memcpy], rounds)
+        rows.append({"case": _id(case), "baseline": c.baseline, "ref_ms": t_ref * 1e3,
+                     "fused_ms": t_fused * 1e3, "ratio": t_ref / t_fused,
+                     "fused_gbs": c.nbytes / t_fused / 1e9, "memcpy_gbs": c.nbytes / t_copy / 1e9})
+        r = rows[-1]
+        print(f"{r['case']:<36} {r['baseline']:>12} {r['ref_ms']:9.3f} {r['fused_ms']:9.3f} {r['ratio']:7.2f}x "
+              f"{r['fused_gbs']:7.1f} {r['memcpy_gbs']:7.1f} {100 * r['fused_gbs'] / r['memcpy_gbs']:5.0f}%",
+              flush=True)
+    return rows
+
+
+def to_markdown(rows: list[dict[str, Any]], command: str, load: str) -> str:
+    lines = [
+        "# Fused ops on CPU: measured",
+        "",
+        f"- Machine: {machine()}",
+        f"- Load average while measuring (1/5/15 min): {load}",
+        f"- Command: `{command}`",
+        "- Medians of interleaved rounds (warm-up excluded). `ref` = reference torch composition "
+        "(objectives.py) for the fused ops, `torch.index_select(out=)` / `index_copy_` (+cast) for "
+        "gather/scatter. GB/s = minimal bytes moved by the op / time; memcpy = `dst.copy_(src)` of "
+        "the same bytes.",
+        "",
+        "| case | baseline | baseline ms | fused ms | speed-up | fused GB/s | memcpy GB/s | of memcpy |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['case']} | {r['baseline']} | {r['ref_ms']:.3f} | {r['fused_ms']:.3f} | "
+                     f"{r['ratio']:.2f}x | {r['fused_gbs']:.1f} | {r['memcpy_gbs']:.1f} | "
+                     f"{100 * r['fused_gbs'] / r['memcpy_gbs']:.0f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=15, help="timed rounds per implementation (median)")
+    p.add_argument("--write", metavar="MD", help="also write the table as markdown to this file")
+    args = p.parse_args(argv)
+    if not _ext.available():
+        print(f"C++ extension not available ({_ext.reason()}); nothing to compare", file=sys.stderr)
+        return 1
+    print(machine())
+    print(f"{'case':<36} {'baseline':>12} {'base ms':>9} {'fused ms':>9} {'ratio':>8} {'GB/s':>7} "
+          f"{'memcpy':>7} {'of':>5}")
+    rows = run(args.rounds)
+    if args.write:
+        load = " / ".join(f"{v:.1f}" for v in os.getloadavg())
+        cmd = "python bench/bench_ops.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        with open(args.write, "w") as f:
+            f.write(to_markdown(rows, cmd.strip(), load))
+        print(f"wrote {args.write}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
