@@ -21,7 +21,7 @@ MODE_PENALTY, MODE_AL, MODE_GS = 0, 1, 2
 def _local_loss_fwd_kernel(o_ptr, t_ptr, m_ptr, a_ptr, gc_ptr, part_ptr, n, C, h, w,
                            so_b, so_c, so_h, so_w, coef, inv_b,
                            S: tl.constexpr, MODE: tl.constexpr, NEED_GRAD: tl.constexpr,
-                           BLOCK: tl.constexpr):
+                           WRITE_A: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -49,7 +49,8 @@ def _local_loss_fwd_kernel(o_ptr, t_ptr, m_ptr, a_ptr, gc_ptr, part_ptr, n, C, h
             r += tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         part = 0.5 * coef * r * r
         g = coef * r * inv_b
-    tl.store(a_ptr + offs, a, mask=mask)
+    if WRITE_A:
+        tl.store(a_ptr + offs, a, mask=mask)
     if NEED_GRAD:
         tl.store(gc_ptr + offs, g, mask=mask)
     tl.store(part_ptr + pid, tl.sum(tl.where(mask, part, 0.0), axis=0))
@@ -57,11 +58,12 @@ def _local_loss_fwd_kernel(o_ptr, t_ptr, m_ptr, a_ptr, gc_ptr, part_ptr, n, C, h
 
 def local_loss_fwd(o: torch.Tensor, target: torch.Tensor, mult: torch.Tensor | None, beta: float,
                    gs: bool, s: int, need_grad: bool
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """``(loss, a, gc)`` for stage output ``o`` (B, C, H, W) and coarse rows target/mult.
 
     ``loss`` is a 0-dim float32 tensor on o's device (no host synchronisation), ``a`` and ``gc``
-    are contiguous float32 (B, C, H/s, W/s); ``gc`` is None unless ``need_grad``.
+    are contiguous float32 (B, C, H/s, W/s); ``gc`` is None unless ``need_grad``; ``a`` is None
+    when s = 1 and o is contiguous float32 (then a is o itself and is not written).
     """
     bsz, ch, hh, ww = o.shape
     h, w = hh // s, ww // s
@@ -69,8 +71,10 @@ def local_loss_fwd(o: torch.Tensor, target: torch.Tensor, mult: torch.Tensor | N
     d = ch * h * w
     t = target.contiguous()
     m = mult.contiguous() if mult is not None else t
-    a = torch.empty((bsz, ch, h, w), dtype=torch.float32, device=o.device)
-    gc = torch.empty_like(a) if need_grad else a
+    write_a = not (s == 1 and o.dtype == torch.float32 and o.is_contiguous())
+    coarse = (bsz, ch, h, w)
+    a = torch.empty(coarse, dtype=torch.float32, device=o.device) if write_a else o  # o: unused pointer
+    gc = torch.empty(coarse, dtype=torch.float32, device=o.device) if need_grad else a
     part = torch.zeros(triton.cdiv(n, min_block()), dtype=torch.float32, device=o.device)
     mode = MODE_GS if gs else (MODE_AL if mult is not None else MODE_PENALTY)
     so = o.stride()
@@ -79,6 +83,7 @@ def local_loss_fwd(o: torch.Tensor, target: torch.Tensor, mult: torch.Tensor | N
         return (triton.cdiv(n, meta["BLOCK"]),)
 
     _local_loss_fwd_kernel[grid](o, t, m, a, gc, part, n, ch, h, w, so[0], so[1], so[2], so[3],
-                                 float(beta) / d, 1.0 / bsz, S=s, MODE=mode, NEED_GRAD=need_grad)
+                                 float(beta) / d, 1.0 / bsz, S=s, MODE=mode, NEED_GRAD=need_grad,
+                                 WRITE_A=write_a)
     loss = part.sum() * (1.0 / bsz)
-    return loss, a, (gc if need_grad else None)
+    return loss, (a if write_a else None), (gc if need_grad else None)
