@@ -5,7 +5,7 @@ Public API (stable; the engine calls only these):
 * ``local_loss(o, target, mult, beta, form, filt) -> (loss, a)``
 * ``coarse_input_grad(grad_z, filt) -> g``
 * ``jacobi_update_(lam_store, u_store, idx, a, g, beta, gamma) -> new λ̃ rows``
-* ``gather_rows(store, idx)``, ``scatter_rows_(store, idx, rows)``
+* ``gather_rows(store, idx, out=None)``, ``scatter_rows_(store, idx, rows)``
 * ``stage_input(store, idx, filt, channels_last=False) -> z``
 * ``backend_report() -> {op: backend}``, ``requested_backend()``, ``available_backends()``,
   ``describe()``, ``nvtx_range(name)``, :class:`StagingRing`, ``reset_backend_cache()``
@@ -17,8 +17,11 @@ a forced path that cannot run raises :class:`BackendUnavailable` after a one-tim
 ``auto`` takes triton for CUDA tensors and cpp for CPU tensors when available, else ref.
 
 Fused coverage: the local loss is fused for both filter kinds (it only involves D); the stage
-input and the coarse input gradient are fused for ``avg_nearest`` (and any kind at s = 1) and
-use the reference code for ``avg_bilinear``. Gather/scatter/λ-step do not depend on the filter.
+input is fused for ``avg_nearest`` (and any kind at s = 1), the coarse input gradient for
+``avg_nearest`` at s > 1 (at s = 1 it is one scaling op: the reference runs); ``avg_bilinear``
+uses the reference code for both. Gather/scatter/λ-step do not depend on the filter. Inputs
+the kernels do not take (non-contiguous stores, stores of other dtypes) also go to the
+reference. Layouts: a channels_last ``o`` is read as is and its gradient is channels_last.
 
 Rules shared by every backend: indices are 1-D int64/int32; an index outside [0, N) raises
 IndexError before any row changes; with repeated indices every occurrence reads the row as it
