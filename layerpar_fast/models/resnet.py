@@ -125,8 +125,8 @@ def mnist_resnet(num_classes: int = 10, in_channels: int = 1, image_size: int = 
 
     stem conv3x3 -> 8 ch; 2 blocks 8 ch at 28x28; a downsampling block to 32 ch at 14x14;
     2 blocks 32 ch at 14x14; head (pool, linear). Every cut's H, W is even (28 or 14).
-    Reaches 99.3-99.4% MNIST test accuracy after 3 epochs of SGD (batch 128, lr 0.1 linearly
-    decayed to 0, Nesterov momentum 0.9, weight decay 5e-4).
+    Measured: 99.36% MNIST test accuracy after 3 epochs of SGD (one seed; batch 128, lr 0.1
+    linearly decayed to 0, Nesterov momentum 0.9, weight decay 5e-4, no augmentation).
     """
     check_common_args(num_classes, in_channels, image_size, min_size=2)
     model = nn.Sequential(stem(in_channels, 8), BasicBlock(8, 8), BasicBlock(8, 8),
