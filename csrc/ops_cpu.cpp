@@ -396,36 +396,65 @@ inline void loss_row(const T* av, const raw_t<S>* tgt, const raw_t<S>* mult, T* 
   }
 }
 
-// o NCHW contiguous: one task per (b, c) plane. With s == 1, a aliases o (not written).
+// scale x (s x s sums) of s fine rows (row0, stride W) into w coarse values. s = 2: the four
+// neighbours directly (even/odd shuffles vectorise well); otherwise the s rows are summed
+// vertically first (contiguous, vectorised), then s neighbours horizontally.
+template <int SS, typename T, typename O>
+inline void pool_row(const T* __restrict__ row0, T* __restrict__ vs, O* __restrict__ out, int64_t w, int64_t s_rt,
+                     T scale) {
+  const int64_t s = SS ? SS : s_rt;
+  const int64_t W = w * s;
+  if constexpr (SS == 2) {
+#pragma omp simd
+    for (int64_t j = 0; j < w; ++j) {
+      const T v = (row0[2 * j] + row0[2 * j + 1]) + (row0[W + 2 * j] + row0[W + 2 * j + 1]);
+      out[j] = static_cast<O>(v * scale);
+    }
+    return;
+  }
+#pragma omp simd
+  for (int64_t x = 0; x < W; ++x) vs[x] = row0[x];
+  for (int64_t dy = 1; dy < s; ++dy) {
+    const T* __restrict__ r = row0 + dy * W;
+#pragma omp simd
+    for (int64_t x = 0; x < W; ++x) vs[x] += r[x];
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < w; ++j) {
+    T v = 0;
+    for (int64_t dx = 0; dx < s; ++dx) v += vs[j * s + dx];
+    out[j] = static_cast<O>(v * scale);
+  }
+}
+
+// o NCHW contiguous: one task per (b, c) plane. With s == 1 the plane is one segment and a
+// aliases o (not written).
 template <int MODE, int SS, typename T, typename S>
 void local_loss_nchw(const T* o, const raw_t<S>* tgt, const raw_t<S>* mult, T* a, T* gc, double* psq,
                      double* plin, int64_t B, int64_t C, int64_t h, int64_t w, int64_t s_rt, T coef, T inv_b) {
   const int64_t s = SS ? SS : s_rt;
   const int64_t W = w * s;
+  const int64_t hw = h * w;
   const T inv_s2 = T(1) / static_cast<T>(s * s);
   at::parallel_for(0, B * C, grain_for(h * W * s), [&](int64_t p0, int64_t p1) {
-    std::vector<T> acc(w);
+    std::vector<T> vs(W), acc(w);
     for (int64_t p = p0; p < p1; ++p) {
+      const int64_t q0 = p * hw;
+      T rsq, rlin;
+      if constexpr (SS == 1) {
+        loss_row<MODE, T, S>(o + q0, tgt + q0, mult ? mult + q0 : nullptr, nullptr, gc + q0, hw, coef, inv_b, rsq,
+                             rlin);
+        psq[p] = rsq;
+        plin[p] = rlin;
+        continue;
+      }
       const T* op = o + p * h * s * W;
       double sq = 0, lin = 0;
       for (int64_t i = 0; i < h; ++i) {
-        const int64_t q0 = (p * h + i) * w;
-        const T* av = op + i * W;  // s == 1: the row itself
-        if constexpr (SS != 1) {
-          T* ac = acc.data();
-          const T* row0 = op + i * s * W;
-#pragma omp simd
-          for (int64_t j = 0; j < w; ++j) {
-            T v = 0;
-            for (int64_t dy = 0; dy < s; ++dy)
-              for (int64_t dx = 0; dx < s; ++dx) v += row0[dy * W + j * s + dx];
-            ac[j] = v * inv_s2;
-          }
-          av = ac;
-        }
-        T rsq, rlin;
-        loss_row<MODE, T, S>(av, tgt + q0, mult ? mult + q0 : nullptr, SS == 1 ? nullptr : a + q0, gc + q0, w,
-                             coef, inv_b, rsq, rlin);
+        const int64_t qi = q0 + i * w;
+        pool_row<SS, T, T>(op + i * s * W, vs.data(), acc.data(), w, s, inv_s2);
+        loss_row<MODE, T, S>(acc.data(), tgt + qi, mult ? mult + qi : nullptr, a + qi, gc + qi, w, coef, inv_b,
+                             rsq, rlin);
         sq += rsq;
         lin += rlin;
       }
@@ -515,8 +544,14 @@ void rows_scaled(const raw_t<S>* src, const int64_t* rows, O* out, int64_t B, in
   at::parallel_for(0, B, grain_for(d), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       O* __restrict__ op = out + b * d;
-      convert_row<O, S>(src + (rows ? rows[b] : b) * d, op, d);
-      if (scale != O(1)) {
+      const raw_t<S>* __restrict__ sp = src + (rows ? rows[b] : b) * d;
+      if (scale == O(1)) {
+        convert_row<O, S>(sp, op, d);
+      } else if constexpr (std::is_same_v<O, S>) {
+#pragma omp simd
+        for (int64_t k = 0; k < d; ++k) op[k] = sp[k] * scale;
+      } else {
+        convert_row<O, S>(sp, op, d);
 #pragma omp simd
         for (int64_t k = 0; k < d; ++k) op[k] *= scale;
       }
@@ -552,16 +587,9 @@ void sum_pool_nchw(const T* x, float* out, int64_t B, int64_t C, int64_t h, int6
   const int64_t s = SS ? SS : s_rt;
   const int64_t W = w * s;
   at::parallel_for(0, B * C * h, grain_for(s * W), [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const T* __restrict__ row0 = x + t * s * W;  // t = (b*C + c)*h + i; fine rows i*s .. i*s+s-1
-      float* __restrict__ op = out + t * w;
-#pragma omp simd
-      for (int64_t j = 0; j < w; ++j) {
-        T v = 0;
-        for (int64_t dy = 0; dy < s; ++dy)
-          for (int64_t dx = 0; dx < s; ++dx) v += row0[dy * W + j * s + dx];
-        op[j] = static_cast<float>(v * scale);
-      }
+    std::vector<T> vs(W);
+    for (int64_t t = t0; t < t1; ++t) {  // t = (b*C + c)*h + i; fine rows i*s .. i*s+s-1
+      pool_row<SS, T, float>(x + t * s * W, vs.data(), out + t * w, w, s, scale);
     }
   });
 }
