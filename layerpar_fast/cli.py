@@ -59,6 +59,12 @@ _TRAIN_OPTIONS: dict[str, tuple[Any, str]] = {
     "delay_rank": (int, "testing: the rank whose parallel-phase steps each start --delay-s seconds late"),
     "delay_s": (float, "testing: the delay of --delay-rank's steps, in seconds"),
 }
+#: `layerpar train` without options runs layer-parallel SPH with K = 2 processes (the demo);
+#: with --method serial the Config defaults (one stage, 3 epochs) apply
+DEMO_DEFAULTS: dict[str, Any] = {"method": "al", "stages": 2, "ds": 2, "epochs": 4}
+_DEFAULT_HELP = {"method": "al", "stages": "2 (1 with --method serial)", "ds": "2 (1 with --method serial)",
+                 "epochs": "4, i.e. serial:1,parallel:2,serial:1 (3 with --method serial)"}
+
 _BOOL_OPTIONS = {
     "channels_last": "use channels_last memory format",
     "nesterov": "Nesterov momentum",
@@ -79,7 +85,7 @@ def _build_parser() -> argparse.ArgumentParser:
     defaults = Config()
     for name, (typ, help_) in _TRAIN_OPTIONS.items():
         t.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None,
-                       help=f"{help_} [default: {getattr(defaults, name)}]")
+                       help=f"{help_} [default: {_DEFAULT_HELP.get(name, getattr(defaults, name))}]")
     for name, help_ in _BOOL_OPTIONS.items():
         t.add_argument("--" + name.replace("_", "-"), dest=name, action=argparse.BooleanOptionalAction,
                        default=None, help=f"{help_} [default: {getattr(defaults, name)}]")
@@ -117,6 +123,7 @@ def _train_config(args: argparse.Namespace) -> tuple[Config, str, bool]:
     if isinstance(values.get("milestones"), str):
         values["milestones"] = [float(x) for x in values["milestones"].split(",") if x]
     values["out"] = args.out
+    _apply_demo_defaults(values, file_values)
     cfg = make_config(file_values, **values)
     run_dir = cfg.out or os.path.join(
         "runs", f"{cfg.model}-{os.path.basename(str(cfg.dataset)).replace('.npz', '')}-{cfg.method}-"
@@ -126,6 +133,22 @@ def _train_config(args: argparse.Namespace) -> tuple[Config, str, bool]:
         raise ConfigError(f"--out {run_dir} already holds a run; continue it with --resume {run_dir} "
                           "or choose another --out")
     return cfg, run_dir, False
+
+
+def _apply_demo_defaults(values: dict[str, Any], file_values: dict[str, Any]) -> None:
+    """Fill DEMO_DEFAULTS into ``values`` where neither the command line nor the file gave a value."""
+    def given(key: str) -> bool:
+        return values.get(key) is not None or file_values.get(key) is not None
+
+    if not given("method"):
+        values["method"] = DEMO_DEFAULTS["method"]
+    if (values.get("method") or file_values.get("method")) == "serial":
+        return
+    for key in ("stages", "ds"):
+        if not given(key):
+            values[key] = DEMO_DEFAULTS[key]
+    if not given("epochs") and not given("schedule"):
+        values["epochs"] = DEMO_DEFAULTS["epochs"]
 
 
 def _prepare_run_dir(run_dir: str) -> None:

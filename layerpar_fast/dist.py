@@ -19,14 +19,12 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import inspect
-import math
 import os
 import threading
 import time
 from collections import deque
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -347,6 +345,16 @@ def _all_gather_object(obj: Any) -> list[Any]:
     return out
 
 
+def _all_reduce_cpu(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Sum a small CPU tensor over the ranks (through ``device``: NCCL only reduces CUDA tensors)."""
+    if dist.get_backend() == "nccl":
+        d = t.to(device)
+        dist.all_reduce(d)
+        return d.cpu()
+    dist.all_reduce(t)
+    return t
+
+
 def _optimizer_tensors(opt: torch.optim.Optimizer, params: list[torch.Tensor], src: int) -> list[torch.Tensor]:
     """The state tensors of ``params`` in ``opt`` after making their layout match rank ``src``'s
     (missing entries created, non-tensor entries such as ``step`` counts copied)."""
@@ -464,8 +472,9 @@ class DistTrainer(HybridTrainer):
     parameters, buffers and optimizer state are broadcast from its owner. Serial phase
     (``cfg.serial_on``): "all" = data-parallel over the K ranks (DistributedDataParallel, each
     rank takes a contiguous share of every global batch, augmented exactly as in one process,
-    BatchNorm running statistics averaged at the end of the epoch); "one" = rank 0 trains while
-    the others wait, then broadcasts everything. BatchNorm recalibration runs identically on every
+    BatchNorm running statistics averaged at the end of the epoch); "one" = rank 0 trains (with
+    the idle ranks' cores too unless ``cfg.threads`` is set) while the others wait, then
+    broadcasts everything. BatchNorm recalibration runs identically on every
     rank (rank 0's result is broadcast); evaluation is sharded over the ranks. Only rank 0 logs,
     shows progress and writes run files; each rank writes its own auxiliary stores into the
     checkpoint (``aux-rank{k}-epoch{E}.pt``, atomically, referenced by ``checkpoint.pt``).
@@ -494,7 +503,10 @@ class DistTrainer(HybridTrainer):
             cuts = self._agree_on_cuts(cfg, data, model)
         self._ddp: nn.Module | None = None
         super().__init__(cfg, out_dir, data=data, model=model, cuts=cuts, log=log, resume=resume)
-        self.transport = DistTransport(timeout_s=cfg.timeout_s, window=cfg.window, device=self.device)
+        dev = self.device
+        if dev.type == "cuda" and dev.index is None:  # receive threads need the explicit device
+            dev = torch.device("cuda", torch.cuda.current_device())
+        self.transport = DistTransport(timeout_s=cfg.timeout_s, window=cfg.window, device=dev)
 
     # ---------------------------------------------------------------------------- hooks of the base
     def _local_workers(self) -> int:
@@ -604,8 +616,14 @@ class DistTrainer(HybridTrainer):
         key = f"{_KEY_PREFIX}serial/{epoch}"
         rec = None
         if self.rank == 0:
-            with _Heartbeat(key):
-                rec = super()._serial_epoch(epoch)
+            threads = torch.get_num_threads()
+            if self.cfg.threads is None:  # the other ranks of this machine idle: use their cores too
+                torch.set_num_threads(max(1, min(os.cpu_count() or 1, threads * self._local_workers())))
+            try:
+                with _Heartbeat(key):
+                    rec = super()._serial_epoch(epoch)
+            finally:
+                torch.set_num_threads(threads)
         else:
             _wait_for_rank0(key, self.cfg.timeout_s, f"training serial epoch {epoch + 1} alone")
         self.sync_all_from(0)
@@ -654,7 +672,7 @@ class DistTrainer(HybridTrainer):
                         int(sums[2]) * k, t_data + t_comp)
         _bar_close(bar)
         del ddp
-        dist.all_reduce(sums)
+        sums = _all_reduce_cpu(sums, self.device)
         self._average_bn_stats()
         return {"epoch": epoch + 1, "phase": "serial", "lr": lr, "train_loss": float(sums[0] / sums[2]),
                 "train_acc": float(sums[1] / sums[2]), "data_s": t_data, "compute_s": t_comp, "ranks": k}
@@ -704,7 +722,7 @@ class DistTrainer(HybridTrainer):
             sums += torch.tensor([float(F.cross_entropy(out, y, reduction="sum")),
                                   float((out.argmax(1) == y).sum()), len(y)], dtype=torch.float64)
         self.model.train()
-        dist.all_reduce(sums)
+        sums = _all_reduce_cpu(sums, self.device)
         return float(sums[0] / sums[2]), float(sums[1] / sums[2])
 
     # ---------------------------------------------------------------------------- checkpoints

@@ -14,9 +14,11 @@ process group instead, so multi-node runs use torchrun's own rendezvous.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import logging
 import os
+import signal
 import sys
 import traceback
 import uuid
@@ -93,7 +95,9 @@ def launch_local(cfg: Config, run_dir: str, resume: bool, *, entry: Sequence[str
         msg = failure.message
         text = msg.get("message", "") if isinstance(msg, dict) else str(msg or "")
         if not text or text.startswith("Signal") or text.startswith("To enable traceback"):
-            text = f"exited with status {failure.exitcode}"
+            code = failure.exitcode
+            text = (f"killed by signal {_signal_name(-code)}" if code is not None and code < 0
+                    else f"exited with status {code}")
         kind = text.split(":", 1)[0]
         if kind in USER_ERRORS:
             print(f"layerpar: error: {text.split(': ', 1)[-1]}", file=sys.stderr)
@@ -111,6 +115,13 @@ def launch_local(cfg: Config, run_dir: str, resume: bool, *, entry: Sequence[str
                 os.environ.pop(var, None)
             else:
                 os.environ[var] = val
+
+
+def _signal_name(num: int) -> str:
+    try:
+        return signal.Signals(num).name
+    except ValueError:
+        return str(num)
 
 
 def _interrupted(run_dir: str) -> int:
@@ -131,6 +142,21 @@ def _record_failure(e: BaseException) -> None:
         pass
 
 
+def _die_with_launcher() -> None:
+    """Under a launcher, end this worker when the launcher dies, even by SIGKILL (Linux: the
+    kernel's parent-death signal), so that no orphaned rank keeps writing into the run directory."""
+    if "TORCHELASTIC_ERROR_FILE" not in os.environ:
+        return
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() == 1:  # the launcher died before the request took effect
+        os._exit(1)
+
+
 def run_member(cfg: Config, run_dir: str | None, resume: bool) -> int:
     """Train as one rank of the process group described by the environment; return the exit
     status (0, 1 failure, 2 bad configuration or data, 130 interrupted).
@@ -148,6 +174,7 @@ def run_member(cfg: Config, run_dir: str | None, resume: bool) -> int:
     rank = env.rank if env is not None else 0
     code = 0
     try:
+        _die_with_launcher()
         init_process_group(cfg.timeout_s)
         if rank != 0:                      # one display: rank 0 prints, the others stay quiet
             warnings.simplefilter("ignore")

@@ -22,7 +22,7 @@ def _env():
 
 def test_train_writes_the_run_directory(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train", *QUICK, "--epochs", "2", "--out", str(out)]) == 0
+    assert main(["train", *QUICK, "--method", "serial", "--epochs", "2", "--out", str(out)]) == 0
     for name in ("metrics.jsonl", "summary.json", "final_model.pt", "checkpoint.pt", "config.json"):
         assert (out / name).is_file(), name
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -35,7 +35,7 @@ def test_train_writes_the_run_directory(tmp_path, capsys):
     assert summary["config"]["epochs"] == 2 and "torch" in summary["versions"]
     assert "final test accuracy" in capsys.readouterr().out
     # the same run directory again is refused (it would overwrite a run)
-    assert main(["train", *QUICK, "--epochs", "1", "--out", str(out)]) == 2
+    assert main(["train", *QUICK, "--method", "serial", "--epochs", "1", "--out", str(out)]) == 2
     assert "--resume" in capsys.readouterr().err
     # plotting it
     png = tmp_path / "plot.png"
@@ -67,7 +67,7 @@ def test_config_file_and_layer_parallel_run(tmp_path):
      "does not divide"),
 ])
 def test_bad_options_exit_2_with_one_message(tmp_path, capsys, args, msg):
-    assert main(["train", *QUICK, "--out", str(tmp_path / "r"), *args]) == 2
+    assert main(["train", *QUICK, "--method", "serial", "--out", str(tmp_path / "r"), *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("layerpar: error:") and msg in err
     assert "Traceback" not in err
@@ -82,14 +82,14 @@ def test_unwritable_run_dir(tmp_path, capsys):
 
 
 def test_bad_options_in_a_subprocess_have_no_traceback(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "layerpar_fast", "train", "--model", "nope", "--out",
+    r = subprocess.run([sys.executable, "-m", "layerpar_fast", "train", "--method", "serial", "--model", "nope", "--out",
                         str(tmp_path / "x")], capture_output=True, text=True, env=_env(), timeout=120)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and "unknown model 'nope'" in r.stderr
 
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
-    args = [sys.executable, "-m", "layerpar_fast", "train", *QUICK, "--epochs", "3"]
+    args = [sys.executable, "-m", "layerpar_fast", "train", *QUICK, "--method", "serial", "--epochs", "3"]
     ref = tmp_path / "ref"
     subprocess.run([*args, "--out", str(ref)], check=True, capture_output=True, env=_env(), timeout=300)
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 
@@ -73,9 +75,18 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 # ------------------------------------------------------------------------------------ processes
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below the kernel's ephemeral range, so that no outgoing connection of another
+    process takes it between this check and the rank-0 store binding it."""
+    rng = random.Random(os.getpid() ^ time.monotonic_ns())
+    for _ in range(200):
+        port = rng.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32000")
 
 
 def child_env(**extra: str) -> dict[str, str]:
@@ -92,21 +103,26 @@ def spawn_ranks(k: int, argv: list[str], timeout: float = HARD_TIMEOUT) -> list[
     """Start ``k`` processes with torchrun-style variables (RANK, WORLD_SIZE, MASTER_ADDR, ...);
     return (exit status, output) per rank; kill them all when the hard timeout passes."""
     port = str(free_port())
-    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    logs = [tempfile.TemporaryFile(mode="w+") for _ in range(k)]
+    procs = [subprocess.Popen(argv, stdout=logs[r], stderr=subprocess.STDOUT, text=True,
                               env=child_env(RANK=str(r), WORLD_SIZE=str(k), LOCAL_RANK=str(r),
                                             LOCAL_WORLD_SIZE=str(k), MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
              for r in range(k)]
     deadline = time.monotonic() + timeout
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    hung = [r for r, p in enumerate(procs) if p.poll() is None]
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
     out = []
-    try:
-        for p in procs:
-            text, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-            out.append((p.returncode, text))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    for p, log in zip(procs, logs):
+        p.wait()
+        log.seek(0)
+        out.append((p.returncode, log.read()))
+        log.close()
+    assert not hung, f"ranks {hung} still running after {timeout}s:\n" + "\n".join(
+        f"--- rank {r} (exit {c}):\n{t[-2000:]}" for r, (c, t) in enumerate(out))
     return out
 
 
@@ -307,3 +323,34 @@ def test_interrupted_distributed_run_resumes_to_the_same_result(tmp_path):
     assert max_diff(torch.load(run / "final_model.pt"), torch.load(local / "final_model.pt")) <= 1e-6
     recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in recs] == [1, 2, 3, 4]
+
+
+def test_workers_die_with_a_killed_launcher(tmp_path):
+    """SIGKILL of the `layerpar train` process itself (no chance to clean up): its worker
+    processes end too instead of running on as orphans."""
+    run = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-m", "layerpar_fast", "train", *QUICK, "--stages", "2",
+                          "--schedule", "parallel:2", "--delay-rank", "0", "--delay-s", "0.5", "--out", str(run)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=child_env(), start_new_session=True)
+    try:
+        deadline = time.monotonic() + HARD_TIMEOUT
+        children: list[int] = []
+        while len(children) < 2:
+            assert p.poll() is None and time.monotonic() < deadline, "the workers never started"
+            time.sleep(0.2)
+            out = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout
+            children = [int(x) for x in out.split()]
+        p.kill()
+        p.wait()
+        end = time.monotonic() + 20
+        alive = children
+        while alive and time.monotonic() < end:
+            time.sleep(0.2)
+            alive = [c for c in alive if os.path.exists(f"/proc/{c}") and
+                     open(f"/proc/{c}/stat").read().split()[2] != "Z"]
+        assert not alive, f"orphaned workers {alive}"
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
