@@ -122,9 +122,9 @@ def make_case(op: str, cut: tuple[int, int, int], s: int, dt: str) -> Case:
     pin = torch.cuda.is_available()
     st = store()
     if op == "gather_rows":
-        out = torch.empty((BATCH, c, h, w), dtype=dtype, pin_memory=pin)
+        out = torch.empty((BATCH, c, h, w), dtype=dtype, pin_memory=pin)  # the staging buffer
         base = lambda: torch.index_select(st, 0, idx, out=out)  # noqa: E731
-        fn = lambda: ops.gather_rows(st, idx)  # noqa: E731
+        fn = lambda: ops.gather_rows(st, idx, out=out)  # noqa: E731
         nbytes = 2 * esz * n_coarse
         return Case(_env("cpp")(fn), base, _memcpy(nbytes), nbytes, "index_select")
     if op == "scatter_rows_":

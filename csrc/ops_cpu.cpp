@@ -296,21 +296,29 @@ struct RowIndex {
   bool has_dup = false;
 };
 
-RowIndex check_index(const at::Tensor& idx, int64_t n, const char* what) {
+// Range-checked copy of the index; `last`/`has_dup` only when `writes` (gathers do not need them).
+RowIndex check_index(const at::Tensor& idx, int64_t n, const char* what, bool writes = true) {
   TORCH_CHECK(idx.device().is_cpu(), what, ": the index tensor must be on the CPU, got ", idx.device());
   TORCH_CHECK(idx.dim() == 1, what, ": the index tensor must be 1-D, got shape ", idx.sizes());
   TORCH_CHECK(idx.scalar_type() == at::kLong || idx.scalar_type() == at::kInt, what,
               ": the index tensor must be int64 or int32, got ", idx.scalar_type());
-  const at::Tensor i64 = idx.to(at::kLong).contiguous();
-  const int64_t b = i64.numel();
-  const int64_t* p = i64.const_data_ptr<int64_t>();
+  const int64_t b = idx.numel();
+  const int64_t stride = idx.stride(0);
   RowIndex out;
-  out.rows.assign(p, p + b);
+  out.rows.resize(b);
+  if (idx.scalar_type() == at::kLong) {
+    const int64_t* p = idx.const_data_ptr<int64_t>();
+    for (int64_t q = 0; q < b; ++q) out.rows[q] = p[q * stride];
+  } else {
+    const int32_t* p = idx.const_data_ptr<int32_t>();
+    for (int64_t q = 0; q < b; ++q) out.rows[q] = p[q * stride];
+  }
   for (int64_t q = 0; q < b; ++q) {
     TORCH_CHECK_INDEX(out.rows[q] >= 0 && out.rows[q] < n, what, ": index ", out.rows[q],
                       " at position ", q, " is out of range for a store of ", n,
                       " rows (valid: 0..", n - 1, ")");
   }
+  if (!writes) return out;
   std::vector<std::pair<int64_t, int64_t>> order(b);
   for (int64_t q = 0; q < b; ++q) order[q] = {out.rows[q], q};
   std::sort(order.begin(), order.end());
@@ -780,7 +788,7 @@ at::Tensor upsample_rows(const at::Tensor& src_in, const std::optional<at::Tenso
   RowIndex ri;
   int64_t B = src.size(0);
   if (idx.has_value()) {
-    ri = check_index(*idx, src.size(0), what);
+    ri = check_index(*idx, src.size(0), what, /*writes=*/false);
     B = static_cast<int64_t>(ri.rows.size());
   }
   const int64_t C = src.size(1), h = src.size(2), w = src.size(3);
@@ -897,7 +905,7 @@ at::Tensor gather_rows_out(const at::Tensor& store, const at::Tensor& idx, at::T
   const char* what = "gather_rows";
   TORCH_CHECK(store.device().is_cpu() && store.is_contiguous() && store.dim() >= 1, what,
               ": the store must be a contiguous CPU tensor");
-  const RowIndex ri = check_index(idx, store.size(0), what);
+  const RowIndex ri = check_index(idx, store.size(0), what, /*writes=*/false);
   const int64_t B = static_cast<int64_t>(ri.rows.size());
   const int64_t d = row_numel(store);
   TORCH_CHECK(out.device().is_cpu() && out.is_contiguous() && out.numel() == B * d &&

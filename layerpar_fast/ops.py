@@ -85,8 +85,12 @@ def _triton_state() -> tuple[ModuleType | None, str]:
     return kernels, ""
 
 
+_resolved: dict[tuple[str, str], str] = {}
+
+
 def reset_backend_cache() -> None:
-    """Forget cached availability checks and one-time warnings (for tests)."""
+    """Forget cached availability checks, resolved backends and one-time warnings (for tests)."""
+    _resolved.clear()
     _triton_state.cache_clear()
     _pinned_available.cache_clear()
     _warned.clear()
@@ -100,7 +104,17 @@ def _cpp() -> Any:
 
 
 def _backend_for(device: torch.device) -> str:
-    """The backend that runs tensors on ``device`` under the current ``LAYERPAR_OPS``."""
+    """The backend that runs tensors on ``device`` under the current ``LAYERPAR_OPS`` (the
+    variable is read at every call; the resolution is cached per value and device type)."""
+    key = (os.environ.get("LAYERPAR_OPS", "auto"), device.type)
+    hit = _resolved.get(key)
+    if hit is None:
+        hit = _resolve(device)
+        _resolved[key] = hit
+    return hit
+
+
+def _resolve(device: torch.device) -> str:
     want = requested_backend()
     if want == "ref":
         return "ref"
@@ -154,9 +168,9 @@ def _kernel(name: str) -> Any:
 
 
 # ----------------------------------------------------------------------------- index helpers
-def _check_index(idx: torch.Tensor, n: int, what: str) -> torch.Tensor:
-    """Validate a row index (1-D integer, every entry in [0, n)) and return it as int64; one host
-    synchronisation for GPU indices."""
+def _check_index(idx: torch.Tensor, n: int, what: str, device: torch.device | None = None) -> torch.Tensor:
+    """Validate a row index (1-D integer, every entry in [0, n)) and return it as int64 on
+    ``device`` (default: where it is); one host synchronisation for GPU indices."""
     if not isinstance(idx, torch.Tensor):
         idx = torch.as_tensor(idx)
     if idx.dtype not in (torch.int64, torch.int32):
@@ -169,7 +183,7 @@ def _check_index(idx: torch.Tensor, n: int, what: str) -> torch.Tensor:
             bad = lo if lo < 0 else hi
             raise IndexError(f"{what}: index {bad} is out of range for a store of {n} rows "
                              f"(valid: 0..{n - 1})")
-    return idx.long()
+    return idx.to(device=device if device is not None else idx.device, dtype=torch.int64)
 
 
 def _last_positions(idx: torch.Tensor) -> torch.Tensor | None:
@@ -203,7 +217,7 @@ def _is_cl(t: torch.Tensor) -> bool:
 
 
 def _cpp_fwd(o: torch.Tensor, target: torch.Tensor, mult: torch.Tensor | None, beta: float, gs: bool,
-             s: int, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+             s: int, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     loss, a, gc = _cpp().local_loss_fwd(o, target, mult, beta, gs, s, need_grad)
     return loss, a, (gc if need_grad else None)
 
@@ -217,7 +231,7 @@ def _cpp_bwd(gc: torch.Tensor, grad_loss: torch.Tensor, s: int, dtype: torch.dty
 
 
 def _triton_fwd(o: torch.Tensor, target: torch.Tensor, mult: torch.Tensor | None, beta: float, gs: bool,
-                s: int, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                s: int, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     return _kernel("k_local_loss").local_loss_fwd(o, target, mult, beta, gs, s, need_grad)
 
 
@@ -329,11 +343,12 @@ def jacobi_update_(lam_store: torch.Tensor, u_store: torch.Tensor | None, idx: t
     if backend == "cpp" and fast:
         return _cpp().jacobi_update_(lam_store, u_store, _cpu_index(idx), a.to("cpu", torch.float32),
                                      g.to("cpu", torch.float32), float(beta), float(gamma))
-    idx = _check_index(idx, lam_store.shape[0], "jacobi_update_")
+    idx = _check_index(idx, lam_store.shape[0], "jacobi_update_", lam_store.device)
     last = _last_positions(idx)
     if backend == "triton" and fast:
-        return _kernel("k_lambda_step").lambda_step_(lam_store, u_store, idx, a, g, float(beta), float(gamma),
-                                                     last)
+        dev = lam_store.device
+        return _kernel("k_lambda_step").lambda_step_(lam_store, u_store, idx, a.to(dev), g.to(dev), float(beta),
+                                                     float(gamma), last)
     if last is None:
         return ref.jacobi_update_(lam_store, u_store, idx, a, g, beta, gamma)
     lam = lam_store.index_select(0, idx)
@@ -361,7 +376,7 @@ def gather_rows(store: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | None
         if out is None:
             out = torch.empty(shape, dtype=store.dtype, pin_memory=_pinned_available())
         return _cpp().gather_rows_out(store, _cpu_index(idx), out)
-    idx = _check_index(idx, store.shape[0], "gather_rows")
+    idx = _check_index(idx, store.shape[0], "gather_rows", store.device)
     if out is None:
         return ref.gather_rows(store, idx)
     return torch.index_select(store, 0, idx, out=out)
@@ -373,7 +388,7 @@ def scatter_rows_(store: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) ->
     if backend == "cpp" and _contig_store(store):
         _cpp().scatter_rows_(store, _cpu_index(idx), rows.to("cpu"))
         return
-    idx = _check_index(idx, store.shape[0], "scatter_rows_")
+    idx = _check_index(idx, store.shape[0], "scatter_rows_", store.device)
     if rows.shape[0] != idx.numel():
         raise ValueError(f"scatter_rows_: {rows.shape[0]} rows for {idx.numel()} indices")
     last = _last_positions(idx)
@@ -393,7 +408,7 @@ def stage_input(store: torch.Tensor, idx: torch.Tensor, filt: FilterPair,
             z = _cpp().upsample_rows(store, _cpu_index(idx), filt.s, 1.0, torch.float64, channels_last)
             return z.float()
         return _cpp().upsample_rows(store, _cpu_index(idx), filt.s, 1.0, torch.float32, channels_last)
-    idx = _check_index(idx, store.shape[0], "stage_input")
+    idx = _check_index(idx, store.shape[0], "stage_input", store.device)
     if backend == "triton" and fused:
         return _kernel("k_upsample").upsample(store, idx, filt.s, torch.float32, channels_last)
     return ref.stage_input(store, idx, filt, channels_last)

@@ -41,7 +41,7 @@ def test_loaded_extension_matches_torch(C: ModuleType) -> None:
 
 def test_missing_module_is_a_warning_not_an_import_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "layerpar_fast._C", None)
-    _ext.reset()
+    ops.reset_backend_cache()  # also resets the loader
     with pytest.warns(RuntimeWarning, match=r"C\+\+ extension not available.*pip install"):
         assert _ext.load() is None
     assert _ext.load() is None  # cached: no second warning
@@ -58,14 +58,14 @@ def test_broken_shared_object_is_a_warning(monkeypatch: pytest.MonkeyPatch) -> N
         return real(name, *args)
 
     monkeypatch.setattr(importlib, "import_module", fake)
-    _ext.reset()
+    ops.reset_backend_cache()  # also resets the loader
     with pytest.warns(RuntimeWarning, match="undefined symbol"):
         assert _ext.load() is None
 
 
 def test_extension_built_for_another_torch_is_refused(monkeypatch: pytest.MonkeyPatch, C: ModuleType) -> None:
     monkeypatch.setattr(C, "built_with_torch", lambda: "1.0.0")
-    _ext.reset()
+    ops.reset_backend_cache()  # also resets the loader
     with pytest.warns(RuntimeWarning, match="built for torch 1.0.0"):
         assert _ext.load() is None
     store = torch.randn(5, 3, 2, 2)
