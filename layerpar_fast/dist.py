@@ -710,15 +710,7 @@ class DistTrainer(HybridTrainer):
             if i % self.world != self.rank:
                 continue
             _, x, y = self.test_loader.load(idx)
-            if ds_forward:
-                h = x
-                for k, stage in enumerate(self.stages):
-                    h = stage(h)
-                    if k < len(self.stages) - 1:
-                        h = self.filt.up(self.filt.down(h))
-                out = h
-            else:
-                out = self.model(x)
+            out = self.eval_forward(x, ds_forward)
             sums += torch.tensor([float(F.cross_entropy(out, y, reduction="sum")),
                                   float((out.argmax(1) == y).sum()), len(y)], dtype=torch.float64)
         self.model.train()

@@ -33,10 +33,9 @@ from __future__ import annotations
 
 import os
 import warnings
-from contextlib import contextmanager
 from functools import lru_cache
 from types import ModuleType
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -462,17 +461,7 @@ def describe() -> str:
 
 
 # --------------------------------------------------------------------------------------- NVTX
-@contextmanager
-def nvtx_range(name: str) -> Iterator[None]:
-    """An NVTX range (visible in Nsight Systems) when CUDA is available, else a no-op."""
-    if _pinned_available():
-        torch.cuda.nvtx.range_push(name)
-        try:
-            yield
-        finally:
-            torch.cuda.nvtx.range_pop()
-    else:
-        yield
+from .profiling import nvtx_range  # noqa: E402  (re-exported: one NVTX helper for the package)
 
 
 # ---------------------------------------------------------------------------------- staging ring

@@ -23,7 +23,7 @@ from . import __version__, ops
 from .auxstore import TensorAuxStore
 from .config import Config, ConfigError
 from .data import BatchLoader, Dataset, load_dataset
-from .filters import FilterPair, FilterError
+from .filters import FilterPair
 from .metrics import JsonlWriter, atomic_write_json, environment, speedup_model
 from .models import build_model, cut_points
 from .monitors import cosine, estimate_kappa, frozen_bn_stats, param_norm
@@ -405,7 +405,7 @@ class HybridTrainer:
         return self._parallel_record(epoch, stats, [w.tp for w in workers])
 
     def _parallel_record(self, epoch: int, stats: list[Any], transports: list[Any]) -> dict[str, Any]:
-        cfg, ps = self.cfg, self.phase_state
+        ps = self.phase_state
         k = len(self.stages)
         lr = self.lr_at((epoch + 1) * self.steps_per_epoch - 1)
         per_stage = [s.as_dict(i, i == k - 1) for i, s in enumerate(stats)]
@@ -497,6 +497,17 @@ class HybridTrainer:
         for m, mom in zip(mods, saved_m):
             m.momentum = mom
 
+    def eval_forward(self, x: torch.Tensor, ds_forward: bool = False) -> torch.Tensor:
+        """The assembled network's forward; ``ds_forward`` inserts U∘D at every cut."""
+        if not ds_forward:
+            return self.model(x)
+        h = x
+        for k, stage in enumerate(self.stages):
+            h = stage(h)
+            if k < len(self.stages) - 1:
+                h = self.filt.up(self.filt.down(h))
+        return h
+
     @torch.no_grad()
     def evaluate(self, ds_forward: bool = False) -> tuple[float, float]:
         """(test loss, test accuracy) of the assembled network in eval mode; ``ds_forward``
@@ -504,15 +515,7 @@ class HybridTrainer:
         self.model.eval()
         loss_sum, correct, n = 0.0, 0, 0
         for _, x, y in self.test_loader:
-            if ds_forward:
-                h = x
-                for k, stage in enumerate(self.stages):
-                    h = stage(h)
-                    if k < len(self.stages) - 1:
-                        h = self.filt.up(self.filt.down(h))
-                out = h
-            else:
-                out = self.model(x)
+            out = self.eval_forward(x, ds_forward)
             loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
             correct += int((out.argmax(1) == y).sum())
             n += len(y)
