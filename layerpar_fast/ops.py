@@ -43,6 +43,11 @@ from torch.autograd.function import once_differentiable
 from . import _ext
 from . import objectives as ref
 from .filters import FilterPair
+from .profiling import nvtx_range  # re-exported: one NVTX helper for the package
+
+__all__ = ["BACKENDS", "OPS", "BackendUnavailable", "StagingRing", "available_backends", "backend_report",
+           "coarse_input_grad", "describe", "gather_rows", "jacobi_update_", "local_loss", "nvtx_range",
+           "requested_backend", "reset_backend_cache", "scatter_rows_", "stage_input"]
 
 BACKENDS = ("auto", "ref", "cpp", "triton")
 OPS = ("local_loss", "coarse_input_grad", "jacobi_update_", "gather_rows", "scatter_rows_", "stage_input")
@@ -458,10 +463,6 @@ def describe() -> str:
         parts.append(f"triton {triton.__version__}: {mode}")
     parts.append("avg_bilinear stage_input/coarse_input_grad: ref")
     return "; ".join(parts)
-
-
-# --------------------------------------------------------------------------------------- NVTX
-from .profiling import nvtx_range  # noqa: E402  (re-exported: one NVTX helper for the package)
 
 
 # ---------------------------------------------------------------------------------- staging ring
