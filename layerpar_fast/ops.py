@@ -31,6 +31,7 @@ float64, for gradcheck).
 """
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 from functools import lru_cache
@@ -52,6 +53,7 @@ __all__ = ["BACKENDS", "OPS", "BackendUnavailable", "StagingRing", "available_ba
 BACKENDS = ("auto", "ref", "cpp", "triton")
 OPS = ("local_loss", "coarse_input_grad", "jacobi_update_", "gather_rows", "scatter_rows_", "stage_input")
 _STORE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+KERNEL_MODULES = ("k_local_loss", "k_upsample", "k_coarse_grad", "k_lambda_step")  # kernels/
 
 
 class BackendUnavailable(RuntimeError):
@@ -80,10 +82,10 @@ def _warn_once(key: str, msg: str) -> None:
 def _triton_state() -> tuple[ModuleType | None, str]:
     """(the kernels package, '') when Triton and the kernels import, else (None, reason)."""
     try:
-        import triton  # noqa: F401
-
-        from . import kernels
-        from .kernels import k_coarse_grad, k_lambda_step, k_local_loss, k_upsample  # noqa: F401
+        importlib.import_module("triton")
+        kernels = importlib.import_module("layerpar_fast.kernels")
+        for name in KERNEL_MODULES:
+            importlib.import_module(f"layerpar_fast.kernels.{name}")
     except Exception as e:  # ImportError, or a Triton that fails while decorating the kernels
         return None, f"{type(e).__name__}: {e}"
     return kernels, ""
@@ -166,8 +168,6 @@ def available_backends() -> dict[str, bool]:
 
 def _kernel(name: str) -> Any:
     """A Triton kernel module (already imported by the availability check)."""
-    import importlib
-
     return importlib.import_module(f"layerpar_fast.kernels.{name}")
 
 
