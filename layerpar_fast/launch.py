@@ -89,7 +89,7 @@ def launch_local(cfg: Config, run_dir: str, resume: bool, *, entry: Sequence[str
                                     *(["--resume"] if resume else []))
         return 0
     except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
+        rank, failure = _root_failure(e.failures)
         if failure.exitcode in (130, -2):
             return _interrupted(run_dir)
         msg = failure.message
@@ -115,6 +115,23 @@ def launch_local(cfg: Config, run_dir: str, resume: bool, *, entry: Sequence[str
                 os.environ.pop(var, None)
             else:
                 os.environ[var] = val
+
+
+def _failure_text(failure: Any) -> str:
+    msg = failure.message
+    return msg.get("message", "") if isinstance(msg, dict) else str(msg or "")
+
+
+def _root_failure(failures: dict[int, Any]) -> tuple[int, Any]:
+    """The failure to report: the earliest one that is not merely a rank noticing that a peer died
+    (a ``TransportError: ... lost rank``), ties broken by rank. torchelastic's own choice, the
+    earliest time stamp, has one-second resolution and so often names the peer that noticed."""
+    def consequence(f: Any) -> bool:
+        text = _failure_text(f)
+        return text.startswith("TransportError") and "lost rank" in text
+    ranks = [r for r, f in failures.items() if not consequence(f)] or list(failures)
+    rank = min(ranks, key=lambda r: (failures[r].timestamp, r))
+    return rank, failures[rank]
 
 
 def _signal_name(num: int) -> str:

@@ -246,6 +246,27 @@ def test_a_rank_that_raises_stops_the_whole_run(tmp_path):
     assert elapsed < 55, elapsed       # far below the 60 s timeout: nobody waited for it
 
 
+def test_the_reported_failure_is_the_cause_not_the_peer_that_noticed():
+    """torchelastic time stamps have one-second resolution: with rank 1 the cause and rank 0
+    failing in the same second because it lost rank 1, the launcher must name rank 1."""
+    from types import SimpleNamespace as NS
+
+    from layerpar_fast.launch import _root_failure
+
+    def failure(text, ts):
+        return NS(message={"message": text, "extraInfo": {}}, timestamp=ts, exitcode=1)
+    lost = failure("TransportError: rank 0: lost rank 1 while receiving 'g' messages", 100)
+    cause = failure("ValueError: injected failure on rank 1 at step 2", 100)
+    assert _root_failure({0: lost, 1: cause}) == (1, cause)
+    assert _root_failure({1: cause, 0: lost}) == (1, cause)
+    # only consequences recorded: the earliest, then the lowest rank
+    lost2 = failure("TransportError: rank 2: lost rank 1 while receiving 'y' messages", 99)
+    assert _root_failure({0: lost, 2: lost2}) == (2, lost2)
+    # two real failures: the earlier one
+    other = failure("RuntimeError: out of memory", 98)
+    assert _root_failure({0: lost, 1: cause, 2: other}) == (2, other)
+
+
 def test_a_silent_rank_times_out(tmp_path):
     """`layerpar train --stages 2`: rank 1 is slower than --timeout-s allows; rank 0 gives up
     with a clear error and the whole run exits non-zero (no hang)."""
