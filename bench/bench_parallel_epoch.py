@@ -57,6 +57,12 @@ def _blocking_transfer(tr: Any, epoch: int) -> float:
     return time.perf_counter() - t0
 
 
+def _all_gather(obj: Any) -> list[Any]:
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def worker(argv: list[str]) -> int:
     """One rank of the measurement (started by the elastic launcher; see ``epoch``)."""
     from layerpar_fast.dist import DistTrainer, init_process_group
@@ -78,8 +84,11 @@ def worker(argv: list[str]) -> int:
     variants = ["serial_1t", "serial_2t", "parallel", "ddp"]
     for rep in range(args.repeats):
         res: dict[str, Any] = {"order": variants[rep % 4:] + variants[:rep % 4]}
+        cpu: dict[str, float] = {}
+        res["load"] = _load()
         for v in res["order"]:
             dist.barrier()
+            c0 = time.process_time()
             if v.startswith("serial"):
                 if rank == 0:
                     torch.set_num_threads(1 if v == "serial_1t" else 2)
@@ -104,7 +113,9 @@ def worker(argv: list[str]) -> int:
                 rec = tr._serial_epoch_ddp(rep)
                 res[v] = {"epoch_s": time.perf_counter() - t0, "data_s": rec["data_s"],
                           "compute_s": rec["compute_s"]}
+            cpu[v] = time.process_time() - c0
         res["blocking_comm_s"] = _blocking_transfer(tr, rep)
+        res["cpu_s_per_rank"] = _all_gather(cpu)  # rank 1's CPU time during rank 0's serial epochs: idle?
         rounds.append(res)
         if rank == 0:
             print(f"round {rep + 1}/{args.repeats}: " + ", ".join(f"{v} {res[v]['epoch_s']:.2f}s" for v in variants),
@@ -130,8 +141,13 @@ def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         sm = par["speedup_model"]
         stage_t = [s["compute_s"] for s in par["stages"]]
         t_par = par["epoch_s"]
+        # exposed communication: what the critical stage (the one with the most work) spent blocked;
+        # a faster stage's waiting is stage imbalance, already counted in max_k t_k
+        busy = [s["compute_s"] + s["data_s"] + s["update_s"] for s in par["stages"]]
+        crit = busy.index(max(busy))
+        exposed = par["stages"][crit]["wait_s"]
         # the model's parallel epoch: T_d + max_k(t_f^k + t_b^k) + t_λ + t_comm,exposed
-        t_model = sm["T_d"] + max(stage_t) + sm["t_lambda"] + sm["t_comm_exposed"]
+        t_model = sm["T_d"] + max(stage_t) + sm["t_lambda"] + exposed
         add("parallel_s", t_par)
         add("parallel_model_s", t_model)
         add("enter_phase_s", par["enter_phase_s"])
@@ -147,8 +163,9 @@ def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
             add(f"{base}_s", r[base]["epoch_s"])
             add(f"rho_{base}", r[base]["epoch_s"] / t_par)
             add(f"rho_pred_{base}", r[base]["epoch_s"] / t_model)
-        exposed = sm["t_comm_exposed"]
         add("blocking_comm_s", r["blocking_comm_s"])
+        add("wait_max_s", sm["t_comm_exposed"])
+        add("idle_rank_cpu_during_serial_s", sum(r["cpu_s_per_rank"][1][v] for v in ("serial_1t", "serial_2t")))
         add("comm_exposed_s", exposed)
         add("comm_hidden_fraction", max(0.0, 1.0 - exposed / r["blocking_comm_s"]) if r["blocking_comm_s"] > 0 else float("nan"))
         sent = sum(sum(c["bytes_sent"].values()) for c in par["transport"])
@@ -177,7 +194,8 @@ def markdown(s: dict[str, Any], meta: dict[str, Any]) -> str:
         "",
         f"Workload: {meta['model']} on {meta['dataset']} ({meta['subset']} training images, batch {meta['batch_size']}, "
         f"{meta['steps']} steps/epoch), method {meta['method']}, s = {meta['ds']}, cut {meta['cuts']}; "
-        f"{meta['repeats']} rounds, medians (min-max).",
+        f"{meta['repeats']} rounds, medians (min-max). Load average at the start of each round: "
+        f"{', '.join(meta['round_loads'])}.",
         "",
         f"Command: `{meta['command']}`",
         "",
@@ -193,7 +211,8 @@ def markdown(s: dict[str, Any], meta: dict[str, Any]) -> str:
     lines += [
         "",
         f"Predicted ρ = baseline / (T_d + max_k t_k + t_λ + t_comm,exposed) with the terms measured in the "
-        f"parallel epoch (model parallel epoch {m('parallel_model_s'):.2f} s against {m('parallel_s'):.2f} s "
+        f"parallel epoch (the baseline epochs include crop+flip augmentation, as SPH serial epochs do; the "
+        f"parallel epoch has none, ALGORITHM.md §6) (model parallel epoch {m('parallel_model_s'):.2f} s against {m('parallel_s'):.2f} s "
         f"measured). The model on the parallel run's own terms (Σ_k t_k as the serial time, metrics.speedup_model): "
         f"ρ = {m('rho_model_own_terms'):.2f}.",
         "",
@@ -208,9 +227,13 @@ def markdown(s: dict[str, Any], meta: dict[str, Any]) -> str:
     lines += [
         "",
         f"Communication: {m('bytes_per_epoch') / 2**20:.1f} MiB per epoch in both directions; moving them with "
-        f"blocking send/recv and no computation takes {1000 * m('blocking_comm_s'):.1f} ms, the parallel epoch exposes at "
-        f"most {1000 * m('comm_exposed_s'):.1f} ms of waiting (which also contains stage imbalance): at least "
-        f"**{100 * m('comm_hidden_fraction'):.0f}%** of the communication is hidden behind computation.",
+        f"blocking send/recv and no computation takes {1000 * m('blocking_comm_s'):.1f} ms. In the parallel epoch "
+        f"the critical stage (the one with the most work) was blocked on messages for "
+        f"{1000 * m('comm_exposed_s'):.1f} ms (t_comm,exposed): **{100 * m('comm_hidden_fraction'):.0f}%** of the "
+        f"communication is hidden behind computation. (The faster stage's waiting, up to "
+        f"{1000 * m('wait_max_s'):.0f} ms, is stage imbalance; metrics.jsonl's t_comm_exposed, the largest wait of "
+        f"any stage, counts it too and so understates ρ.) Rank 1's CPU time while rank 0 ran the two serial "
+        f"baselines: {m('idle_rank_cpu_during_serial_s'):.2f} s (it really was idle).",
         "",
         f"Not in the epoch times above: entering a parallel phase (κ estimate + initial λ fill) "
         f"{m('enter_phase_s'):.2f} s once per phase; after each parallel epoch the owners' parameter broadcast, "
@@ -242,7 +265,7 @@ def cmd_epoch(args: argparse.Namespace) -> int:
     meta = {"env": raw["environment"], "load_before": load_before, "load_after": _load(), "model": args.model,
             "dataset": args.dataset, "subset": args.subset, "batch_size": args.batch_size, "method": args.method,
             "ds": args.ds, "repeats": args.repeats, "cuts": raw["rounds"][0]["parallel"]["cuts"],
-            "steps": -(-args.subset // args.batch_size), "command": "python " + " ".join(sys.argv)}
+            "steps": -(-args.subset // args.batch_size), "round_loads": [r["load"] for r in raw["rounds"]], "command": "python " + " ".join(sys.argv)}
     if args.out:
         atomic_write_json(args.out, {"summary": summary, "meta": meta, "rounds": raw["rounds"]})
     text = markdown(summary, meta)
