@@ -95,6 +95,12 @@ def _build_parser() -> argparse.ArgumentParser:
     pl.add_argument("-o", "--output", default="runs.png", help="output image (PNG, PDF or SVG)")
     pl.add_argument("--labels", help="comma-separated legend labels (default: directory names)")
 
+    ev = sub.add_parser("eval", help="test accuracy of finished runs' final models (whole test set by default)")
+    ev.add_argument("runs", nargs="+", help="run directories (each with config.json and final_model.pt)")
+    ev.add_argument("--test-subset", type=int, help="only the first N test images")
+    ev.add_argument("--data-dir", help="the data folder, when it moved since training")
+    ev.add_argument("--threads", type=int, help="torch threads")
+
     sub.add_parser("info", help="versions, threads and available fast paths")
     return p
 
@@ -188,6 +194,15 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .trainer import evaluate_run
+    for run in args.runs:
+        r = evaluate_run(run, test_subset=args.test_subset, data_dir=args.data_dir, threads=args.threads)
+        print(f"{run}: test accuracy {100 * r['test_acc']:.2f}% (loss {r['test_loss']:.4f}) "
+              f"on {r['num_test']} test images")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from .info import info_text
     print(info_text())
@@ -201,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .staging import StagingError
     parser = _build_parser()
     args = parser.parse_args(argv)
-    handlers = {"train": cmd_train, "plot": cmd_plot, "info": cmd_info}
+    handlers = {"train": cmd_train, "plot": cmd_plot, "eval": cmd_eval, "info": cmd_info}
     try:
         return handlers[args.command](args)
     except (ConfigError, DataError, ModelError, StagingError, FilterError) as e:

@@ -595,6 +595,43 @@ class HybridTrainer:
 
 
 # ---------------------------------------------------------------------------------------- helpers
+def evaluate_run(run_dir: str, *, test_subset: int | None = None, data_dir: str | None = None,
+                 threads: int | None = None) -> dict[str, Any]:
+    """Test loss and accuracy of a finished run's ``final_model.pt`` with the serial forward pass,
+    on the whole test set by default (runs often evaluate a subset every epoch to save time).
+
+    ``data_dir`` replaces the run's data folder (the run moved to another machine)."""
+    import json
+
+    from .config import make_config
+    cfg_path = os.path.join(run_dir, "config.json")
+    model_path = os.path.join(run_dir, "final_model.pt")
+    for path, what in ((cfg_path, "config.json"), (model_path, "final_model.pt (has the run finished?)")):
+        if not os.path.isfile(path):
+            raise ConfigError(f"{run_dir}: no {what}")
+    try:
+        with open(cfg_path) as f:
+            values = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{cfg_path}: cannot read it: {e}") from None
+    values.update(stages=1, cuts=None, method="serial", schedule="serial:1", epochs=None, progress=False,
+                  test_subset=test_subset, out=None, threads=threads or values.get("threads"),
+                  transport="local", delay_rank=None, delay_s=0.0)
+    if data_dir is not None:
+        values["data_dir"] = data_dir
+    cfg = make_config(values)
+    trainer = HybridTrainer(cfg, None, log=lambda _: None)
+    try:
+        state = torch.load(model_path, map_location=trainer.device, weights_only=True)
+        trainer.model.load_state_dict(state)
+    except (RuntimeError, OSError, ValueError) as e:
+        raise ConfigError(f"{model_path}: cannot load it into {cfg.model}: {str(e).splitlines()[0]}") from None
+    t0 = time.perf_counter()
+    loss, acc = trainer.evaluate()
+    return {"test_loss": loss, "test_acc": acc, "num_test": trainer.data.num_test,
+            "eval_time_s": time.perf_counter() - t0}
+
+
 def _pick_device(cfg: Config) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -41,6 +41,14 @@ def test_train_writes_the_run_directory(tmp_path, capsys):
     png = tmp_path / "plot.png"
     assert main(["plot", str(out), str(out), "--labels", "a,b", "-o", str(png)]) == 0
     assert png.stat().st_size > 10_000
+    # evaluating its final model: on the run's own test subset it reproduces the last epoch's accuracy
+    assert main(["eval", str(out), "--test-subset", "128"]) == 0
+    line = capsys.readouterr().out
+    assert f"test accuracy {100 * recs[-1]['test_acc']:.2f}%" in line and "on 128 test images" in line
+    assert main(["eval", str(out)]) == 0           # the whole (embedded: 2000) test set
+    assert "on 2000 test images" in capsys.readouterr().out
+    assert main(["eval", str(tmp_path)]) == 2      # not a run directory
+    assert "config.json" in capsys.readouterr().err
 
 
 def test_config_file_and_layer_parallel_run(tmp_path):

@@ -1,0 +1,214 @@
+"""CIFAR-10, ResNet-20: serial back-propagation vs DDP vs SPH-penalty vs SPH-AL (issues 3 and 4).
+
+Every run shares the model, data order, batch size (128), peak learning rate, cosine schedule and
+epoch budget; only the method, the downsampling factor s and the number of workers differ. Each
+run goes through the real command line (`layerpar train`), so the layer-parallel runs are K
+worker processes (gloo, 1 thread each) and their wall time is real parallel time:
+
+    serial        1 process, 2 threads              serial:E        back-propagation baseline
+    ddp           2 ranks x 1 thread                serial:E        data-parallel back-propagation
+    al-s{1,2,4}   K = 2 ranks x 1 thread, AL (Gauss-Seidel order, automatic beta), s = 1, 2, 4
+    penalty-s{1,2,4}  the same with the penalty method (beta = 10, gamma = 0.5)
+    al-s2-k3      K = 3 ranks (3 processes on 2 cores: its wall time is oversubscribed)
+    tail-only     serial:1,idle:P,serial:S: what the serial epochs of SPH buy alone
+
+SPH runs use the default schedule for E epochs: serial:1,parallel:E-1-S,serial:S with S = E/4.
+Every epoch is evaluated on the first --test-subset test images (the curves and wall time);
+afterwards the final model is evaluated on the whole test set (`layerpar eval`), outside the
+wall time.
+
+    python bench/cifar_sph.py --data-dir ../shared/data --subset 10000 --epochs 16 --out runs/cifar_sph
+    python bench/cifar_sph.py ... --only serial,al-s2          # some runs; finished runs are kept
+
+It writes one run directory per run under OUT, OUT/results.json, OUT/results.md (the table) and
+OUT/tta.png (test accuracy against epoch and wall time, `layerpar plot`). A run interrupted
+part-way is continued with --resume on the next invocation.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+from layerpar_fast.metrics import atomic_write_json, environment
+
+RUNS: dict[str, list[str]] = {
+    "serial": ["--method", "serial", "--stages", "1", "--threads", "2"],
+    "ddp": ["--method", "serial", "--stages", "2", "--threads", "1"],
+    "al-s1": ["--method", "al", "--stages", "2", "--ds", "1", "--threads", "1"],
+    "al-s2": ["--method", "al", "--stages", "2", "--ds", "2", "--threads", "1"],
+    "al-s4": ["--method", "al", "--stages", "2", "--ds", "4", "--threads", "1"],
+    "penalty-s1": ["--method", "penalty", "--stages", "2", "--ds", "1", "--threads", "1"],
+    "penalty-s2": ["--method", "penalty", "--stages", "2", "--ds", "2", "--threads", "1"],
+    "penalty-s4": ["--method", "penalty", "--stages", "2", "--ds", "4", "--threads", "1"],
+    "al-s2-k3": ["--method", "al", "--stages", "3", "--ds", "2", "--threads", "1"],
+    "tail-only": ["--method", "serial", "--stages", "1", "--threads", "2"],   # schedule set below
+}
+
+
+def run_command(name: str, args: argparse.Namespace, out: str) -> list[str]:
+    extra = list(RUNS[name])
+    common = ["--dataset", args.dataset, "--data-dir", args.data_dir, "--model", args.model,
+              "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--seed", str(args.seed),
+              "--test-subset", str(args.test_subset), "--no-progress"]
+    if args.subset:
+        common += ["--subset", str(args.subset)]
+    if name == "tail-only":
+        tail = max(1, round(args.epochs / 4))
+        extra += ["--schedule", f"serial:1,idle:{args.epochs - 1 - tail},serial:{tail}"]
+    else:
+        extra += ["--epochs", str(args.epochs)]
+    if args.cuts and "--stages" in extra and extra[extra.index("--stages") + 1] == "2" and name != "ddp":
+        extra += ["--cuts", args.cuts]
+    for kv in args.set:
+        key, _, val = kv.partition("=")
+        extra += ["--" + key.replace("_", "-"), val]
+    return [sys.executable, "-m", "layerpar_fast", "train", *common, *extra, "--out", out]
+
+
+def collect(name: str, run_dir: str, cmd: list[str], full: dict[str, Any]) -> dict[str, Any]:
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        summary = json.load(f)
+    recs = [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))]
+    par = [r for r in recs if r["phase"] == "parallel"]
+    last = par[-1] if par else {}
+    cfg = summary["config"]
+    return {
+        "command": " ".join(cmd[2:]).replace("layerpar_fast train", "layerpar train"),
+        "schedule": _schedule(cfg),
+        "method": cfg["method"], "stages": cfg["stages"], "ds": cfg["ds"],
+        "cuts": summary.get("cuts"),
+        "subset_test_acc": summary["final_test_acc"], "full_test_acc": full["test_acc"],
+        "num_test": full["num_test"],
+        "wall_time_s": summary["wall_time_s"], "time_per_epoch_s": summary["time_per_epoch_s"],
+        "ds_test_acc_last_parallel": last.get("ds_test_acc"),
+        "aux_memory_bytes": last.get("aux_memory_bytes"),
+        "bytes_per_epoch": sum(last.get("bytes_per_cut") or []) or None,
+        "bytes_per_epoch_full_resolution": sum(last.get("bytes_per_cut_full_resolution") or []) or None,
+        "violation_last_parallel": last.get("violation"),
+        "per_epoch": [{"epoch": r["epoch"], "phase": r["phase"], "test_acc": r.get("test_acc"),
+                       "wall_time_s": r.get("wall_time_s")} for r in recs],
+    }
+
+
+def _schedule(cfg: dict[str, Any]) -> str:
+    from layerpar_fast.config import make_config
+    return make_config(cfg).resolved_schedule()
+
+
+def fmt_bytes(n: float | None) -> str:
+    if not n:
+        return "-"
+    return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
+
+
+def write_table(results: dict[str, Any], meta: dict[str, Any], path: str) -> None:
+    base = results.get("serial", {}).get("full_test_acc")
+    base_t = results.get("serial", {}).get("wall_time_s")
+    lines = [
+        f"# CIFAR-10 {meta['model']}: serial vs DDP vs SPH ({meta['epochs']} epochs, "
+        f"{meta['subset'] or 'all'} training images)",
+        "",
+        f"Machine: {meta['machine']}. Command: `{meta['command']}`.",
+        "",
+        f"Test accuracy of the final model on the whole test set ({meta['num_test']} images); the DS forward "
+        f"(U∘D inserted at every cut: the network the parallel phase trained) after the last parallel epoch on "
+        f"the first {meta['test_subset']} test images. Bytes: what crosses the cuts per parallel epoch (both "
+        f"directions), and at full resolution (s = 1) for comparison. Wall time includes the per-epoch "
+        f"evaluation on {meta['test_subset']} images.",
+        "",
+        "| run | workers | schedule | test acc | vs serial | DS fwd acc | wall time | vs serial | aux memory | "
+        "bytes / parallel epoch |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        gap = f"{100 * (r['full_test_acc'] - base):+.2f}" if base is not None else "-"
+        speed = f"{base_t / r['wall_time_s']:.2f}x" if base_t else "-"
+        ds = f"{100 * r['ds_test_acc_last_parallel']:.2f}%" if r.get("ds_test_acc_last_parallel") is not None else "-"
+        workers = "1 x 2 threads" if r["stages"] == 1 else f"{r['stages']} x 1 thread"
+        if name == "tail-only":
+            workers = "1 x 2 threads (idle epochs cost 0 s)"
+        byt = fmt_bytes(r.get("bytes_per_epoch"))
+        if r.get("bytes_per_epoch") and r.get("ds", 1) > 1:
+            byt += f" ({fmt_bytes(r.get('bytes_per_epoch_full_resolution'))} at s = 1)"
+        lines.append(f"| {name} | {workers} | `{r['schedule']}` | {100 * r['full_test_acc']:.2f}% | {gap} | {ds} | "
+                     f"{r['wall_time_s'] / 60:.1f} min | {speed} | {fmt_bytes(r.get('aux_memory_bytes'))} | {byt} |")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", default=os.environ.get("LAYERPAR_DATA_DIR", "../shared/data"))
+    p.add_argument("--dataset", default="cifar10")
+    p.add_argument("--model", default="resnet20")
+    p.add_argument("--subset", type=int, help="training images (default: all 50000)")
+    p.add_argument("--test-subset", type=int, default=2000, help="test images evaluated every epoch")
+    p.add_argument("--epochs", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cuts", help="the cut of the K = 2 runs (default: balanced by FLOPs)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="an extra `layerpar train` option for every selected run (e.g. --set beta_c=1.2)")
+    p.add_argument("--only", help="comma-separated run names (default: all)")
+    p.add_argument("--force", action="store_true", help="run again even when OUT holds a result")
+    p.add_argument("--out", default="runs/cifar_sph")
+    args = p.parse_args()
+    names = args.only.split(",") if args.only else list(RUNS)
+    unknown = [n for n in names if n not in RUNS]
+    if unknown:
+        p.error(f"unknown runs {unknown}; valid: {', '.join(RUNS)}")
+    from layerpar_fast.data import load_dataset
+    from layerpar_fast.trainer import evaluate_run
+    load_dataset(args.dataset, args.data_dir)  # decode/cache once, before any run starts
+    os.makedirs(args.out, exist_ok=True)
+    res_path = os.path.join(args.out, "results.json")
+    saved = json.load(open(res_path)) if os.path.exists(res_path) else {}
+    results: dict[str, Any] = saved.get("runs", {})
+    env = environment()
+    meta = {"model": args.model, "epochs": args.epochs, "subset": args.subset, "test_subset": args.test_subset,
+            "num_test": None, "command": "python " + " ".join(sys.argv),
+            "machine": f"{env.get('processor') or 'CPU'}, {os.cpu_count()} cores, torch {env.get('torch')}"}
+    for name in names:
+        run_dir = os.path.join(args.out, name)
+        if name in results and not args.force:
+            print(f"== {name}: done ({100 * results[name]['full_test_acc']:.2f}%), skipped", flush=True)
+            continue
+        cmd = run_command(name, args, run_dir)
+        if os.path.isfile(os.path.join(run_dir, "checkpoint.pt")) and not os.path.isfile(
+                os.path.join(run_dir, "summary.json")):
+            cmd = [sys.executable, "-m", "layerpar_fast", "train", "--no-progress", "--resume", run_dir]
+        elif os.path.isdir(run_dir) and args.force:
+            import shutil
+            shutil.rmtree(run_dir)
+        print("== " + name + ": $ " + " ".join(cmd), flush=True)
+        t0 = time.time()
+        code = subprocess.run(cmd).returncode
+        if code != 0:
+            print(f"== {name}: failed with exit status {code}; continuing with the next run", flush=True)
+            continue
+        full = evaluate_run(run_dir, test_subset=None)
+        results[name] = collect(name, run_dir, run_command(name, args, run_dir), full)
+        results[name]["process_time_s"] = time.time() - t0
+        print(f"== {name}: {100 * full['test_acc']:.2f}% on {full['num_test']} test images, "
+              f"{results[name]['wall_time_s'] / 60:.1f} min", flush=True)
+        meta["num_test"] = full["num_test"]
+        atomic_write_json(res_path, {"runs": results, "meta": meta, "environment": env})
+        write_table(results, meta, os.path.join(args.out, "results.md"))
+    if results:
+        meta["num_test"] = next(iter(results.values()))["num_test"]
+        write_table(results, meta, os.path.join(args.out, "results.md"))
+        from layerpar_fast.plot import plot_runs
+        done = [n for n in RUNS if n in results]
+        plot_runs([os.path.join(args.out, n) for n in done], os.path.join(args.out, "tta.png"), done)
+        print(open(os.path.join(args.out, "results.md")).read())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
