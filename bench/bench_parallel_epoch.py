@@ -251,7 +251,8 @@ def cmd_epoch(args: argparse.Namespace) -> int:
     cfg = make_config(dataset=args.dataset, data_dir=args.data_dir, subset=args.subset, test_subset=1000,
                       model=args.model, method=args.method, stages=2, ds=args.ds, batch_size=args.batch_size,
                       schedule=f"parallel:{args.repeats}", serial_on="all", threads=1, progress=False,
-                      timeout_s=3600.0, kappa_iters=args.kappa_iters, bn_recalib_batches=0)
+                      timeout_s=3600.0, kappa_iters=args.kappa_iters, bn_recalib_batches=0,
+                      balance=args.balance, cuts=args.cuts)
     load_before = _load()
     with tempfile.TemporaryDirectory() as tmp:
         result = os.path.join(tmp, "result.json")
@@ -314,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--ds", type=int, default=2)
     e.add_argument("--batch-size", type=int, default=128)
     e.add_argument("--kappa-iters", type=int, default=20)
+    e.add_argument("--balance", default="flops", help="how to choose the cut: flops or time (measured)")
+    e.add_argument("--cuts", help="the cut block index (overrides --balance)")
     e.add_argument("--repeats", type=int, default=3)
     e.add_argument("--out", help="JSON with every round")
     e.add_argument("--md", help="markdown summary")
