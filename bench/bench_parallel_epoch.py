@@ -189,8 +189,8 @@ def markdown(s: dict[str, Any], meta: dict[str, Any]) -> str:
         "",
         f"Machine: {meta['env']['processor']}, {meta['env']['cpu_count']} cores; torch {meta['env']['torch']}, "
         f"python {meta['env']['python']}. Load average before / after: {meta['load_before']} / {meta['load_after']} "
-        "(other engineers' jobs shared these 2 cores: absolute times are noisy, ratios were measured in one run, "
-        "interleaved, with the order rotated every round).",
+        "(ratios measured in one run, interleaved, with the order rotated every round, so that drifting load "
+        "hits every variant alike).",
         "",
         f"Workload: {meta['model']} on {meta['dataset']} ({meta['subset']} training images, batch {meta['batch_size']}, "
         f"{meta['steps']} steps/epoch), method {meta['method']}, s = {meta['ds']}, cut {meta['cuts']}; "
