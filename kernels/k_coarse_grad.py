@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 from ._config import block_configs
+from ._pool import window_sum
 
 
 @triton.autotune(configs=block_configs(), key=["n", "S"])
@@ -18,17 +19,7 @@ def _sum_pool_kernel(x_ptr, out_ptr, n, C, h, w, sx_b, sx_c, sx_h, sx_w, scale,
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    j = offs % w
-    q = offs // w
-    i = q % h
-    q = q // h
-    c = q % C
-    b = q // C
-    base = b * sx_b + c * sx_c + (i * S) * sx_h + (j * S) * sx_w
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for dy in tl.static_range(S):
-        for dx in tl.static_range(S):
-            acc += tl.load(x_ptr + base + dy * sx_h + dx * sx_w, mask=mask, other=0.0).to(tl.float32)
+    acc = window_sum(x_ptr, offs, mask, C, h, w, sx_b, sx_c, sx_h, sx_w, S, BLOCK)
     tl.store(out_ptr + offs, acc * scale, mask=mask)
 
 

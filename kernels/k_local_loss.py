@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from ._config import block_configs, min_block
+from ._pool import window_sum
 
 MODE_PENALTY, MODE_AL, MODE_GS = 0, 1, 2
 
@@ -25,17 +26,7 @@ def _local_loss_fwd_kernel(o_ptr, t_ptr, m_ptr, a_ptr, gc_ptr, part_ptr, n, C, h
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    j = offs % w
-    q = offs // w
-    i = q % h
-    q = q // h
-    c = q % C
-    b = q // C
-    base = b * so_b + c * so_c + (i * S) * so_h + (j * S) * so_w
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for dy in tl.static_range(S):
-        for dx in tl.static_range(S):
-            acc += tl.load(o_ptr + base + dy * so_h + dx * so_w, mask=mask, other=0.0).to(tl.float32)
+    acc = window_sum(o_ptr, offs, mask, C, h, w, so_b, so_c, so_h, so_w, S, BLOCK)
     a = acc * (1.0 / (S * S))
     t = tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if MODE == 2:
