@@ -13,7 +13,7 @@ import time
 from typing import Any, Sequence
 
 from .config import (AL_ORDERS, AUGMENTS, AUX_DTYPES, BALANCE, LR_SCHEDULES, METHODS, SERIAL_ON,
-                     TRANSPORTS, Config, ConfigError, load_config_file, make_config)
+                     TRANSPORTS, Config, ConfigError, load_config_file, make_config, read_run_config)
 
 # option name -> (type, help); the defaults come from Config
 _TRAIN_OPTIONS: dict[str, tuple[Any, str]] = {
@@ -108,17 +108,7 @@ def _build_parser() -> argparse.ArgumentParser:
 def _train_config(args: argparse.Namespace) -> tuple[Config, str, bool]:
     if args.resume:
         run_dir = args.resume
-        cfg_path = os.path.join(run_dir, "config.json")
-        if not os.path.isdir(run_dir):
-            raise ConfigError(f"--resume {run_dir}: no such directory")
-        if not os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
-            raise ConfigError(f"--resume {run_dir}: no checkpoint.pt there (nothing to resume)")
-        import json
-        try:
-            with open(cfg_path) as f:
-                saved = json.load(f)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"--resume {run_dir}: cannot read config.json: {e}") from None
+        saved = read_run_config(run_dir, "checkpoint.pt", "--resume")
         # only run-time options may change on resume; the training itself must not
         runtime = {k: getattr(args, k) for k in ("threads", "progress", "timeout_s") if getattr(args, k) is not None}
         saved.update(runtime)

@@ -231,6 +231,25 @@ def load_config_file(path: str) -> dict[str, Any]:
     return out
 
 
+def read_run_config(run_dir: str, needs: str, what: str) -> dict[str, Any]:
+    """The configuration values saved in RUN_DIR/config.json; ``needs`` another file of the run
+    that must exist (checkpoint.pt to resume, final_model.pt to evaluate); ``what`` names the
+    command in the error (``--resume``, ``eval``)."""
+    import json
+    if not os.path.isdir(run_dir):
+        raise ConfigError(f"{what} {run_dir}: no such directory")
+    if not os.path.isfile(os.path.join(run_dir, needs)):
+        raise ConfigError(f"{what} {run_dir}: no {needs} there")
+    try:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            values = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{what} {run_dir}: cannot read config.json: {e}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{what} {run_dir}: config.json does not hold a configuration")
+    return values
+
+
 def make_config(file_values: dict[str, Any] | None = None, **overrides: Any) -> Config:
     """Build a validated Config from file values overridden by explicit keyword values."""
     values = dict(file_values or {})

@@ -601,19 +601,9 @@ def evaluate_run(run_dir: str, *, test_subset: int | None = None, data_dir: str 
     on the whole test set by default (runs often evaluate a subset every epoch to save time).
 
     ``data_dir`` replaces the run's data folder (the run moved to another machine)."""
-    import json
-
-    from .config import make_config
-    cfg_path = os.path.join(run_dir, "config.json")
+    from .config import make_config, read_run_config
+    values = read_run_config(run_dir, "final_model.pt", "eval")
     model_path = os.path.join(run_dir, "final_model.pt")
-    for path, what in ((cfg_path, "config.json"), (model_path, "final_model.pt (has the run finished?)")):
-        if not os.path.isfile(path):
-            raise ConfigError(f"{run_dir}: no {what}")
-    try:
-        with open(cfg_path) as f:
-            values = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{cfg_path}: cannot read it: {e}") from None
     values.update(stages=1, cuts=None, method="serial", schedule="serial:1", epochs=None, progress=False,
                   test_subset=test_subset, out=None, threads=threads or values.get("threads"),
                   transport="local", delay_rank=None, delay_s=0.0)

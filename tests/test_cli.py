@@ -48,7 +48,7 @@ def test_train_writes_the_run_directory(tmp_path, capsys):
     assert main(["eval", str(out)]) == 0           # the whole (embedded: 2000) test set
     assert "on 2000 test images" in capsys.readouterr().out
     assert main(["eval", str(tmp_path)]) == 2      # not a run directory
-    assert "config.json" in capsys.readouterr().err
+    assert "no final_model.pt there" in capsys.readouterr().err
 
 
 def test_config_file_and_layer_parallel_run(tmp_path):
@@ -132,7 +132,7 @@ def test_resume_errors(tmp_path, capsys):
     assert "no such directory" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert main(["train", "--resume", str(tmp_path / "empty")]) == 2
-    assert "nothing to resume" in capsys.readouterr().err
+    assert "no checkpoint.pt there" in capsys.readouterr().err
 
 
 def test_info(capsys):
