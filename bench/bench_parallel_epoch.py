@@ -17,8 +17,11 @@ It prints and writes medians of the ratios, the §7 speedup model's prediction b
 model's parallel time T_d + max_k t_k + t_λ + t_comm,exposed from the measured terms), and the
 fraction of communication hidden behind computation.
 
-``tta``: the end-to-end SPH time-to-accuracy comparison on full CIFAR-10 (serial back-propagation
-against SPH with K = 2 ranks, same epochs): several hours on a CPU; not run in this repository yet.
+``ops`` (bench/results/e2e_ops_cpu.md): the same launch, a parallel epoch with the fused ops
+(``LAYERPAR_OPS=auto``: the C++ extension on CPU) against one with every op through the reference
+torch code (``LAYERPAR_OPS=ref``), interleaved over ``--repeats`` rounds.
+
+The end-to-end time-to-accuracy comparison (serial vs DDP vs SPH, whole runs) is bench/cifar_sph.py.
 """
 from __future__ import annotations
 
@@ -26,7 +29,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -57,6 +59,9 @@ def _blocking_transfer(tr: Any, epoch: int) -> float:
     return time.perf_counter() - t0
 
 
+DEFAULT_VARIANTS = ("serial_1t", "serial_2t", "parallel", "ddp")
+
+
 def _all_gather(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
@@ -74,6 +79,7 @@ def worker(argv: list[str]) -> int:
     p.add_argument("--config-json", required=True)
     p.add_argument("--run-dir", required=True)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS))
     args = p.parse_args(argv)
     cfg = make_config(json.loads(args.config_json))
     init_process_group(cfg.timeout_s)
@@ -81,9 +87,10 @@ def worker(argv: list[str]) -> int:
     tr = DistTrainer(cfg, None, log=lambda m: None)
     torch.set_num_threads(1)
     rounds = []
-    variants = ["serial_1t", "serial_2t", "parallel", "ddp"]
+    variants = args.variants.split(",")
     for rep in range(args.repeats):
-        res: dict[str, Any] = {"order": variants[rep % 4:] + variants[:rep % 4]}
+        r0 = rep % len(variants)
+        res: dict[str, Any] = {"order": variants[r0:] + variants[:r0]}
         cpu: dict[str, float] = {}
         res["load"] = _load()
         for v in res["order"]:
@@ -97,12 +104,19 @@ def worker(argv: list[str]) -> int:
                     res[v] = {"epoch_s": time.perf_counter() - t0, "data_s": rec["data_s"],
                               "compute_s": rec["compute_s"]}
                     torch.set_num_threads(1)
-            elif v == "parallel":
+            elif v in ("parallel", "parallel_ref"):
+                saved_ops = os.environ.get("LAYERPAR_OPS")
+                if v == "parallel_ref":   # every fused op through the reference torch code
+                    os.environ["LAYERPAR_OPS"] = "ref"
                 t0 = time.perf_counter()
                 tr._enter_parallel(0, rep)
                 t1 = time.perf_counter()
                 rec = tr._parallel_epoch(rep)
                 t2 = time.perf_counter()
+                if saved_ops is None:
+                    os.environ.pop("LAYERPAR_OPS", None)
+                else:
+                    os.environ["LAYERPAR_OPS"] = saved_ops
                 res[v] = {"epoch_s": rec["parallel_wall_s"], "per_rank_s": rec["parallel_wall_per_rank_s"],
                           "enter_phase_s": t1 - t0, "after_epoch_s": t2 - t1 - rec["parallel_wall_s"],
                           "stages": rec["stages"], "speedup_model": rec["speedup_model"],
@@ -114,7 +128,7 @@ def worker(argv: list[str]) -> int:
                 res[v] = {"epoch_s": time.perf_counter() - t0, "data_s": rec["data_s"],
                           "compute_s": rec["compute_s"]}
             cpu[v] = time.process_time() - c0
-        res["blocking_comm_s"] = _blocking_transfer(tr, rep)
+        res["blocking_comm_s"] = _blocking_transfer(tr, rep) if "parallel" in variants else None
         res["cpu_s_per_rank"] = _all_gather(cpu)  # rank 1's CPU time during rank 0's serial epochs: idle?
         rounds.append(res)
         if rank == 0:
@@ -243,7 +257,9 @@ def markdown(s: dict[str, Any], meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def cmd_epoch(args: argparse.Namespace) -> int:
+def _measure(args: argparse.Namespace, variants: tuple[str, ...]) -> dict[str, Any] | int:
+    """Launch the K = 2 ranks, run ``variants`` for ``args.repeats`` rounds; the raw result or
+    the launcher's non-zero exit status."""
     from layerpar_fast.data import load_dataset
     from layerpar_fast.launch import launch_local
 
@@ -253,15 +269,69 @@ def cmd_epoch(args: argparse.Namespace) -> int:
                       schedule=f"parallel:{args.repeats}", serial_on="all", threads=1, progress=False,
                       timeout_s=3600.0, kappa_iters=args.kappa_iters, bn_recalib_batches=0,
                       balance=args.balance, cuts=args.cuts)
-    load_before = _load()
     with tempfile.TemporaryDirectory() as tmp:
         result = os.path.join(tmp, "result.json")
         code = launch_local(cfg, tmp, False, entry=[sys.executable, "-u", os.path.abspath(__file__), "worker",
-                                                    "--repeats", str(args.repeats), "--result", result])
+                                                    "--repeats", str(args.repeats), "--result", result,
+                                                    "--variants", ",".join(variants)])
         if code != 0:
             return code
         with open(result) as f:
-            raw = json.load(f)
+            return json.load(f)
+
+
+def cmd_ops(args: argparse.Namespace) -> int:
+    """A parallel epoch with the fused ops (LAYERPAR_OPS=auto) against the same epoch with every
+    op through the reference torch code (LAYERPAR_OPS=ref), interleaved in one launch."""
+    raw = _measure(args, ("parallel", "parallel_ref"))
+    if isinstance(raw, int):
+        return raw
+    from layerpar_fast import ops
+    rounds = raw["rounds"]
+
+    def med(f: Any) -> float:
+        return statistics.median(f(r) for r in rounds)
+    fast = lambda r: r["parallel"]["epoch_s"]          # noqa: E731
+    ref = lambda r: r["parallel_ref"]["epoch_s"]       # noqa: E731
+    ratio = med(lambda r: ref(r) / fast(r))
+    env = raw["environment"]
+    lines = [
+        "# End-to-end: parallel epoch with fused ops vs reference ops (CPU)",
+        "",
+        f"Machine: {env['processor']}, {env['cpu_count']} cores; torch {env['torch']}, python {env['python']}. "
+        f"Fast paths: {ops.describe().splitlines()[-1]}",
+        "",
+        f"Workload: {args.model} on {args.dataset} ({args.subset} training images, batch {args.batch_size}), "
+        f"K = 2 ranks x 1 thread, method {args.method}, s = {args.ds}, cut {rounds[0]['parallel']['cuts']}; "
+        f"{args.repeats} rounds interleaved (order rotated), medians.",
+        "",
+        f"Command: `python {' '.join(sys.argv)}`",
+        "",
+        "| ops | parallel epoch (s) | per stage: compute t_k (s) | per stage: λ/u updates + message handling (s) |",
+        "|---|---|---|---|",
+    ]
+    for name, key in (("fused (LAYERPAR_OPS=auto)", "parallel"), ("reference (LAYERPAR_OPS=ref)", "parallel_ref")):
+        tk = [med(lambda r, k=k: r[key]["stages"][k]["compute_s"]) for k in range(2)]
+        up = [med(lambda r, k=k: r[key]["stages"][k]["update_s"]) for k in range(2)]
+        lines.append(f"| {name} | {med(lambda r: r[key]['epoch_s']):.2f} | "
+                     f"{' / '.join(f'{t:.2f}' for t in tk)} | {' / '.join(f'{u:.3f}' for u in up)} |")
+    lines += ["", f"Reference / fused epoch time: **{ratio:.3f}x** (median of per-round ratios: "
+              f"{', '.join(f'{ref(r) / fast(r):.3f}' for r in rounds)}).", ""]
+    text = "\n".join(lines)
+    if args.out:
+        atomic_write_json(args.out, {"ratio_ref_over_fused": ratio, "rounds": rounds, "environment": env})
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(text)
+    print(text)
+    return 0
+
+
+def cmd_epoch(args: argparse.Namespace) -> int:
+    load_before = _load()
+    raw = _measure(args, DEFAULT_VARIANTS)
+    if isinstance(raw, int):
+        return raw
     summary = summarise(raw["rounds"])
     meta = {"env": raw["environment"], "load_before": load_before, "load_after": _load(), "model": args.model,
             "dataset": args.dataset, "subset": args.subset, "batch_size": args.batch_size, "method": args.method,
@@ -277,29 +347,6 @@ def cmd_epoch(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_tta(args: argparse.Namespace) -> int:
-    """Serial back-propagation against SPH (K = 2 ranks) on full CIFAR-10: test accuracy against
-    wall time, one run directory each (plot them with ``layerpar plot``)."""
-    common = ["--dataset", "cifar10", "--data-dir", args.data_dir, "--model", args.model, "--epochs", str(args.epochs),
-              "--batch-size", "128", "--no-progress"]
-    tail = max(1, round(args.epochs / 4))
-    runs = {
-        "serial": ["--method", "serial", "--stages", "1"],
-        "sph-k2": ["--method", "al", "--stages", "2", "--ds", "2",
-                   "--schedule", f"serial:1,parallel:{args.epochs - 1 - tail},serial:{tail}"],
-        "tail-only": ["--method", "al", "--stages", "2", "--ds", "2",
-                      "--schedule", f"idle:{args.epochs - tail},serial:{tail}"],
-    }
-    for name, extra in runs.items():
-        out = os.path.join(args.out_dir, name)
-        cmd = [sys.executable, "-m", "layerpar_fast", "train", *common, *extra, "--out", out]
-        print("$ " + " ".join(cmd), flush=True)
-        if not args.dry_run:
-            subprocess.run(cmd, check=True)
-    print(f"plot: layerpar plot {' '.join(os.path.join(args.out_dir, n) for n in runs)} -o {args.out_dir}/tta.png")
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "worker":
@@ -307,27 +354,24 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("epoch", help="per-epoch ratios of the parallel phase (K = 2 x 1 thread)")
-    e.add_argument("--dataset", default="cifar10")
-    e.add_argument("--data-dir", default="/work/shared/data")
-    e.add_argument("--subset", type=int, default=5000)
-    e.add_argument("--model", default="resnet20")
-    e.add_argument("--method", default="al")
-    e.add_argument("--ds", type=int, default=2)
-    e.add_argument("--batch-size", type=int, default=128)
-    e.add_argument("--kappa-iters", type=int, default=20)
-    e.add_argument("--balance", default="flops", help="how to choose the cut: flops or time (measured)")
-    e.add_argument("--cuts", help="the cut block index (overrides --balance)")
-    e.add_argument("--repeats", type=int, default=3)
-    e.add_argument("--out", help="JSON with every round")
-    e.add_argument("--md", help="markdown summary")
-    t = sub.add_parser("tta", help="end-to-end time-to-accuracy on full CIFAR-10 (hours on a CPU)")
-    t.add_argument("--data-dir", default="/work/shared/data")
-    t.add_argument("--model", default="resnet20")
-    t.add_argument("--epochs", type=int, default=40)
-    t.add_argument("--out-dir", default="runs/tta-cifar10")
-    t.add_argument("--dry-run", action="store_true", help="print the commands only")
+    o = sub.add_parser("ops", help="a parallel epoch with fused ops against reference ops (end to end)")
+    for q in (e, o):
+        q.add_argument("--dataset", default="cifar10")
+        q.add_argument("--data-dir", default=os.environ.get("LAYERPAR_DATA_DIR", "../shared/data"))
+        q.add_argument("--subset", type=int, default=5000)
+        q.add_argument("--model", default="resnet20")
+        q.add_argument("--method", default="al")
+        q.add_argument("--ds", type=int, default=2)
+        q.add_argument("--batch-size", type=int, default=128)
+        q.add_argument("--kappa-iters", type=int, default=20 if q is e else 2,
+                       help="power iterations when entering each measured phase (not timed)")
+        q.add_argument("--balance", default="flops", help="how to choose the cut: flops or time (measured)")
+        q.add_argument("--cuts", help="the cut block index (overrides --balance)")
+        q.add_argument("--repeats", type=int, default=3)
+        q.add_argument("--out", help="JSON with every round")
+        q.add_argument("--md", help="markdown summary")
     args = p.parse_args(argv)
-    return cmd_epoch(args) if args.cmd == "epoch" else cmd_tta(args)
+    return {"epoch": cmd_epoch, "ops": cmd_ops}[args.cmd](args)
 
 
 if __name__ == "__main__":
