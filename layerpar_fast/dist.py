@@ -474,9 +474,8 @@ class DistTrainer(HybridTrainer):
     rank takes a contiguous share of every global batch, augmented exactly as in one process,
     BatchNorm running statistics averaged at the end of the epoch); "one" = rank 0 trains (with
     the idle ranks' cores too unless ``cfg.threads`` is set) while the others wait, then
-    broadcasts everything. BatchNorm recalibration runs identically on every
-    rank (rank 0's result is broadcast); evaluation is sharded over the ranks. Only rank 0 logs,
-    shows progress and writes run files; each rank writes its own auxiliary stores into the
+    broadcasts everything. BatchNorm recalibration and evaluation are sharded over the ranks.
+    Only rank 0 logs, shows progress and writes run files; each rank writes its own auxiliary stores into the
     checkpoint (``aux-rank{k}-epoch{E}.pt``, atomically, referenced by ``checkpoint.pt``).
     """
 
@@ -694,12 +693,26 @@ class DistTrainer(HybridTrainer):
 
     # ---------------------------------------------------------------------------- evaluation
     def recalibrate_bn(self, epoch: int) -> None:
-        super().recalibrate_bn(epoch)
-        bufs = [b for s in self.stages[1:] for m in s.modules()
-                if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m.buffers(recurse=False)]
-        if bufs:
-            with torch.no_grad():
-                _broadcast_tensors(bufs, 0)
+        """Sharded over the ranks: rank r averages the statistics of batches r, r+K, ... of the
+        recalibration set; the cumulative averages are then combined, weighted by batch counts
+        (the same average as one process computes, up to float rounding), K times faster."""
+        mods = self._recal_modules()
+        if not mods:
+            return
+        batches = self.plain_loader.batches(epoch)[: self.cfg.bn_recalib_batches]
+        mine = batches[self.rank::self.world]
+        self._recal_on(mods, mine)
+        with torch.no_grad():
+            stats = [t for m in mods for t in (m.running_mean, m.running_var)]
+            flat = torch.cat([t.reshape(-1).double() for t in stats]) * len(mine)
+            dist.all_reduce(flat)
+            flat /= max(1, len(batches))
+            off = 0
+            for t in stats:
+                t.copy_(flat[off:off + t.numel()].view_as(t))
+                off += t.numel()
+            for m in mods:
+                m.num_batches_tracked.fill_(len(batches))
 
     @torch.no_grad()
     def evaluate(self, ds_forward: bool = False) -> tuple[float, float]:

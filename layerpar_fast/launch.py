@@ -123,14 +123,21 @@ def _failure_text(failure: Any) -> str:
 
 
 def _root_failure(failures: dict[int, Any]) -> tuple[int, Any]:
-    """The failure to report: the earliest one that is not merely a rank noticing that a peer died
-    (a ``TransportError: ... lost rank``), ties broken by rank. torchelastic's own choice, the
-    earliest time stamp, has one-second resolution and so often names the peer that noticed."""
-    def consequence(f: Any) -> bool:
+    """The failure to report: the cause, not its consequences. Preference: an error a rank
+    recorded itself; then a rank that died otherwise (exit status, a signal other than SIGTERM);
+    then a rank that only noticed a lost peer (``TransportError: ... lost rank``); last, a rank
+    the launcher itself stopped with SIGTERM after the first failure. Ties: earliest time stamp
+    (torchelastic's, one-second resolution), then lowest rank."""
+    def kind(f: Any) -> int:
         text = _failure_text(f)
-        return text.startswith("TransportError") and "lost rank" in text
-    ranks = [r for r, f in failures.items() if not consequence(f)] or list(failures)
-    rank = min(ranks, key=lambda r: (failures[r].timestamp, r))
+        if text.startswith("TransportError") and "lost rank" in text:
+            return 2
+        if f.exitcode is not None and f.exitcode == -signal.SIGTERM:
+            return 3
+        if text and not text.startswith("Signal") and not text.startswith("To enable traceback"):
+            return 0
+        return 1
+    rank = min(failures, key=lambda r: (kind(failures[r]), failures[r].timestamp, r))
     return rank, failures[rank]
 
 

@@ -481,14 +481,23 @@ class HybridTrainer:
     def recalibrate_bn(self, epoch: int) -> None:
         """Re-estimate BatchNorm running statistics of stages 1..K-1 (0-based) on true activations:
         serial forward passes in train mode without gradients; stage 0's statistics are kept."""
-        mods = [m for s in self.stages[1:] for m in s.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        if not mods or self.cfg.bn_recalib_batches == 0:
-            return
+        mods = self._recal_modules()
+        if mods:
+            self._recal_on(mods, self.plain_loader.batches(epoch)[: self.cfg.bn_recalib_batches])
+
+    def _recal_modules(self) -> list[nn.modules.batchnorm._BatchNorm]:
+        """The BatchNorm layers that recalibration re-estimates (none when it is turned off)."""
+        if self.cfg.bn_recalib_batches == 0:
+            return []
+        return [m for s in self.stages[1:] for m in s.modules()
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+    def _recal_on(self, mods: list[nn.modules.batchnorm._BatchNorm], batches: list[Any]) -> None:
+        """Reset ``mods``' running statistics to the cumulative average over ``batches``."""
         saved_m = [m.momentum for m in mods]
         for m in mods:
             m.reset_running_stats()
             m.momentum = None
-        batches = self.plain_loader.batches(epoch)[: self.cfg.bn_recalib_batches]
         fn = self._input_fn()
         self.model.train()
         with torch.no_grad(), frozen_bn_stats(self.stages[0]):

@@ -170,11 +170,13 @@ CASES_2 = [
     dict(method="al", al_order="gs", ds=2, delay_rank=1, delay_s=0.02),
     dict(method="al", al_order="jacobi", ds=1, delay_rank=0, delay_s=0.02),
     dict(method="al", ds=2, schedule="serial:1,parallel:1,serial:1", serial_on="all"),
+    dict(method="al", ds=2, schedule="parallel:2", bn_recalib_batches=3),   # ends on the sharded recalibration
 ]
 CASES_3 = [
     dict(method="al", al_order="gs", ds=2),
     dict(method="penalty", ds=1, delay_rank=1, delay_s=0.02),
     dict(method="al", al_order="jacobi", ds=2, delay_rank=2, delay_s=0.02),
+    dict(method="penalty", ds=2, schedule="parallel:1", bn_recalib_batches=4),  # recalibration shares 2/1/1
 ]
 
 
@@ -253,8 +255,8 @@ def test_the_reported_failure_is_the_cause_not_the_peer_that_noticed():
 
     from layerpar_fast.launch import _root_failure
 
-    def failure(text, ts):
-        return NS(message={"message": text, "extraInfo": {}}, timestamp=ts, exitcode=1)
+    def failure(text, ts, exitcode=1):
+        return NS(message={"message": text, "extraInfo": {}} if text else "", timestamp=ts, exitcode=exitcode)
     lost = failure("TransportError: rank 0: lost rank 1 while receiving 'g' messages", 100)
     cause = failure("ValueError: injected failure on rank 1 at step 2", 100)
     assert _root_failure({0: lost, 1: cause}) == (1, cause)
@@ -265,6 +267,12 @@ def test_the_reported_failure_is_the_cause_not_the_peer_that_noticed():
     # two real failures: the earlier one
     other = failure("RuntimeError: out of memory", 98)
     assert _root_failure({0: lost, 1: cause, 2: other}) == (2, other)
+    # the launcher SIGTERMs the survivors after the first failure: they are listed too, never the cause
+    term = failure("", 100, exitcode=-15)
+    assert _root_failure({0: term, 1: cause}) == (1, cause)
+    assert _root_failure({0: term, 1: lost}) == (1, lost)
+    killed = failure("", 101, exitcode=-9)          # a rank killed from outside (OOM killer, kill -9)
+    assert _root_failure({0: term, 1: killed, 2: lost}) == (1, killed)
 
 
 def test_a_silent_rank_times_out(tmp_path):
