@@ -11,6 +11,8 @@ worker processes (gloo, 1 thread each) and their wall time is real parallel time
     penalty-s{1,2,4}  the same with the penalty method (beta = 10, gamma = 0.5)
     al-s2-k3      K = 3 ranks (3 processes on 2 cores: its wall time is oversubscribed)
     tail-only     serial:1,idle:P,serial:S: what the serial epochs of SPH buy alone
+    al-s2-cycles  al-s2 with augmented serial epochs between parallel ones:
+                  serial:1,(parallel:a,serial:1)x3,serial:R
 
 SPH runs use the default schedule for E epochs: serial:1,parallel:E-1-S,serial:S with S = E/4.
 Every epoch is evaluated on the first --test-subset test images (the curves and wall time);
@@ -47,7 +49,18 @@ RUNS: dict[str, list[str]] = {
     "penalty-s4": ["--method", "penalty", "--stages", "2", "--ds", "4", "--threads", "1"],
     "al-s2-k3": ["--method", "al", "--stages", "3", "--ds", "2", "--threads", "1"],
     "tail-only": ["--method", "serial", "--stages", "1", "--threads", "2"],   # schedule set below
+    "al-s2-cycles": ["--method", "al", "--stages", "2", "--ds", "2", "--threads", "1"],  # schedule below
 }
+
+
+def cycles_schedule(epochs: int) -> str:
+    """serial:1, three cycles (parallel:a, serial:1), then the rest serial: augmented epochs
+    between the parallel ones (the parallel phase trains without augmentation, ALGORITHM.md §6)."""
+    a = max(1, (epochs - 7) // 3)
+    rest = epochs - 1 - 3 * (a + 1)
+    if rest < 1:
+        raise SystemExit(f"--epochs {epochs} is too few for al-s2-cycles (needs at least 8)")
+    return f"serial:1,(parallel:{a},serial:1)x3,serial:{rest}"
 
 
 def run_command(name: str, args: argparse.Namespace, out: str) -> list[str]:
@@ -60,6 +73,8 @@ def run_command(name: str, args: argparse.Namespace, out: str) -> list[str]:
     if name == "tail-only":
         tail = max(1, round(args.epochs / 4))
         extra += ["--schedule", f"serial:1,idle:{args.epochs - 1 - tail},serial:{tail}"]
+    elif name == "al-s2-cycles":
+        extra += ["--schedule", cycles_schedule(args.epochs)]
     else:
         extra += ["--epochs", str(args.epochs)]
     if args.cuts and "--stages" in extra and extra[extra.index("--stages") + 1] == "2" and name != "ddp":
@@ -180,18 +195,22 @@ def main() -> int:
             print(f"== {name}: done ({100 * results[name]['full_test_acc']:.2f}%), skipped", flush=True)
             continue
         cmd = run_command(name, args, run_dir)
-        if os.path.isfile(os.path.join(run_dir, "checkpoint.pt")) and not os.path.isfile(
-                os.path.join(run_dir, "summary.json")):
-            cmd = [sys.executable, "-m", "layerpar_fast", "train", "--no-progress", "--resume", run_dir]
-        elif os.path.isdir(run_dir) and args.force:
+        finished = all(os.path.isfile(os.path.join(run_dir, f)) for f in ("summary.json", "final_model.pt"))
+        if os.path.isdir(run_dir) and args.force:
             import shutil
             shutil.rmtree(run_dir)
-        print("== " + name + ": $ " + " ".join(cmd), flush=True)
+            finished = False
+        elif os.path.isfile(os.path.join(run_dir, "checkpoint.pt")) and not finished:
+            cmd = [sys.executable, "-m", "layerpar_fast", "train", "--no-progress", "--resume", run_dir]
         t0 = time.time()
-        code = subprocess.run(cmd).returncode
-        if code != 0:
-            print(f"== {name}: failed with exit status {code}; continuing with the next run", flush=True)
-            continue
+        if finished:      # trained by an earlier invocation that stopped before collecting it
+            print(f"== {name}: finished earlier, collecting", flush=True)
+        else:
+            print("== " + name + ": $ " + " ".join(cmd), flush=True)
+            code = subprocess.run(cmd).returncode
+            if code != 0:
+                print(f"== {name}: failed with exit status {code}; continuing with the next run", flush=True)
+                continue
         full = evaluate_run(run_dir, test_subset=None)
         results[name] = collect(name, run_dir, run_command(name, args, run_dir), full)
         results[name]["process_time_s"] = time.time() - t0
