@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from ._config import block_configs
+from ._pool import nchw_index
 
 
 @triton.autotune(configs=block_configs(), key=["n", "S", "CHANNELS_LAST", "HAS_IDX"])
@@ -30,12 +31,7 @@ def _upsample_kernel(src_ptr, idx_ptr, out_ptr, scale_ptr, scale, n, C, H, W, h,
         y = q % H
         b = q // H
     else:
-        x = offs % W
-        q = offs // W
-        y = q % H
-        q = q // H
-        c = q % C
-        b = q // C
+        b, c, y, x = nchw_index(offs, C, H, W)
     if HAS_IDX:
         row = tl.load(idx_ptr + b, mask=mask, other=0).to(tl.int64)
     else:
