@@ -134,9 +134,10 @@ def write_table(results: dict[str, Any], meta: dict[str, Any], path: str) -> Non
         f"(U∘D inserted at every cut: the network the parallel phase trained) after the last parallel epoch on "
         f"the first {meta['test_subset']} test images. Bytes: what crosses the cuts per parallel epoch (both "
         f"directions), and at full resolution (s = 1) for comparison. Wall time includes the per-epoch "
-        f"evaluation on {meta['test_subset']} images.",
+        f"evaluation on {meta['test_subset']} images. Aux memory: rank 0's stores (λ̃ and, for AL, u of the first "
+        f"cut; the next rank holds a λ̃ copy as its input).",
         "",
-        "| run | workers | schedule | test acc | vs serial | DS fwd acc | wall time | vs serial | aux memory | "
+        "| run | workers | schedule | test acc | vs serial | DS fwd acc | wall time | vs serial | aux memory (rank 0) | "
         "bytes / parallel epoch |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
