@@ -125,12 +125,12 @@ def _failure_text(failure: Any) -> str:
 def _root_failure(failures: dict[int, Any]) -> tuple[int, Any]:
     """The failure to report: the cause, not its consequences. Preference: an error a rank
     recorded itself; then a rank that died otherwise (exit status, a signal other than SIGTERM);
-    then a rank that only noticed a lost peer (``TransportError: ... lost rank``); last, a rank
-    the launcher itself stopped with SIGTERM after the first failure. Ties: earliest time stamp
+    then a rank whose messages failed (``TransportError``: a lost peer, a send to a stopped rank,
+    a timeout); last, a rank the launcher itself stopped with SIGTERM after the first failure. Ties: earliest time stamp
     (torchelastic's, one-second resolution), then lowest rank."""
     def kind(f: Any) -> int:
         text = _failure_text(f)
-        if text.startswith("TransportError") and "lost rank" in text:
+        if text.startswith("TransportError"):   # lost peer, send to a stopped rank, timeout
             return 2
         if f.exitcode is not None and f.exitcode == -signal.SIGTERM:
             return 3

@@ -271,6 +271,8 @@ def test_the_reported_failure_is_the_cause_not_the_peer_that_noticed():
     term = failure("", 100, exitcode=-15)
     assert _root_failure({0: term, 1: cause}) == (1, cause)
     assert _root_failure({0: term, 1: lost}) == (1, lost)
+    send = failure("TransportError: rank 0: cannot send 'in' step 2 to rank 1 (that rank stopped?)", 99)
+    assert _root_failure({0: send, 1: cause}) == (1, cause)
     killed = failure("", 101, exitcode=-9)          # a rank killed from outside (OOM killer, kill -9)
     assert _root_failure({0: term, 1: killed, 2: lost}) == (1, killed)
 
