@@ -355,6 +355,20 @@ def _all_reduce_cpu(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t
 
 
+def _all_ranks_mean_(tensors: list[torch.Tensor], weight: float, total: float) -> None:
+    """In place: each tensor becomes (Σ over ranks of weight·tensor) / total, summed in float64
+    (weight = 1, total = world: the plain mean; weight = this rank's count: a weighted mean)."""
+    flat = torch.cat([t.reshape(-1).double() for t in tensors])
+    if weight != 1:
+        flat *= weight
+    dist.all_reduce(flat)
+    flat /= total
+    off = 0
+    for t in tensors:
+        t.copy_(flat[off:off + t.numel()].view_as(t))
+        off += t.numel()
+
+
 def _optimizer_tensors(opt: torch.optim.Optimizer, params: list[torch.Tensor], src: int) -> list[torch.Tensor]:
     """The state tensors of ``params`` in ``opt`` after making their layout match rank ``src``'s
     (missing entries created, non-tensor entries such as ``step`` counts copied)."""
@@ -475,8 +489,8 @@ class DistTrainer(HybridTrainer):
     BatchNorm running statistics averaged at the end of the epoch); "one" = rank 0 trains (with
     the idle ranks' cores too unless ``cfg.threads`` is set) while the others wait, then
     broadcasts everything. BatchNorm recalibration and evaluation are sharded over the ranks.
-    Only rank 0 logs, shows progress and writes run files; each rank writes its own auxiliary stores into the
-    checkpoint (``aux-rank{k}-epoch{E}.pt``, atomically, referenced by ``checkpoint.pt``).
+    Only rank 0 logs, shows progress and writes run files; each rank writes its own auxiliary
+    stores into the checkpoint (``aux-rank{k}-epoch{E}.pt``, atomically, referenced by ``checkpoint.pt``).
     """
 
     def __init__(self, cfg: Config, out_dir: str | None = None, *, data: Dataset | None = None,
@@ -683,13 +697,7 @@ class DistTrainer(HybridTrainer):
                 and b is not None]
         if not bufs:
             return
-        flat = torch.cat([b.reshape(-1).double() for b in bufs])
-        dist.all_reduce(flat)
-        flat /= self.world
-        off = 0
-        for b in bufs:
-            b.copy_(flat[off:off + b.numel()].view_as(b))
-            off += b.numel()
+        _all_ranks_mean_(bufs, 1.0, self.world)
 
     # ---------------------------------------------------------------------------- evaluation
     def recalibrate_bn(self, epoch: int) -> None:
@@ -703,14 +711,8 @@ class DistTrainer(HybridTrainer):
         mine = batches[self.rank::self.world]
         self._recal_on(mods, mine)
         with torch.no_grad():
-            stats = [t for m in mods for t in (m.running_mean, m.running_var)]
-            flat = torch.cat([t.reshape(-1).double() for t in stats]) * len(mine)
-            dist.all_reduce(flat)
-            flat /= max(1, len(batches))
-            off = 0
-            for t in stats:
-                t.copy_(flat[off:off + t.numel()].view_as(t))
-                off += t.numel()
+            _all_ranks_mean_([t for m in mods for t in (m.running_mean, m.running_var)], len(mine),
+                             max(1, len(batches)))
             for m in mods:
                 m.num_batches_tracked.fill_(len(batches))
 

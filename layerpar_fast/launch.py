@@ -93,8 +93,8 @@ def launch_local(cfg: Config, run_dir: str, resume: bool, *, entry: Sequence[str
         if failure.exitcode in (130, -2):
             return _interrupted(run_dir)
         msg = failure.message
-        text = msg.get("message", "") if isinstance(msg, dict) else str(msg or "")
-        if not text or text.startswith("Signal") or text.startswith("To enable traceback"):
+        text = _failure_text(failure)
+        if not _self_recorded(text):
             code = failure.exitcode
             text = (f"killed by signal {_signal_name(-code)}" if code is not None and code < 0
                     else f"exited with status {code}")
@@ -122,19 +122,24 @@ def _failure_text(failure: Any) -> str:
     return msg.get("message", "") if isinstance(msg, dict) else str(msg or "")
 
 
+def _self_recorded(text: str) -> bool:
+    """Whether a failure's text is the error the rank recorded, not torchelastic's stand-in."""
+    return bool(text) and not text.startswith("Signal") and not text.startswith("To enable traceback")
+
+
 def _root_failure(failures: dict[int, Any]) -> tuple[int, Any]:
     """The failure to report: the cause, not its consequences. Preference: an error a rank
     recorded itself; then a rank that died otherwise (exit status, a signal other than SIGTERM);
     then a rank whose messages failed (``TransportError``: a lost peer, a send to a stopped rank,
-    a timeout); last, a rank the launcher itself stopped with SIGTERM after the first failure. Ties: earliest time stamp
-    (torchelastic's, one-second resolution), then lowest rank."""
+    a timeout); last, a rank the launcher itself stopped with SIGTERM after the first failure.
+    Ties: earliest time stamp (torchelastic's, one-second resolution), then lowest rank."""
     def kind(f: Any) -> int:
         text = _failure_text(f)
         if text.startswith("TransportError"):   # lost peer, send to a stopped rank, timeout
             return 2
         if f.exitcode is not None and f.exitcode == -signal.SIGTERM:
             return 3
-        if text and not text.startswith("Signal") and not text.startswith("To enable traceback"):
+        if _self_recorded(text):
             return 0
         return 1
     rank = min(failures, key=lambda r: (kind(failures[r]), failures[r].timestamp, r))

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from . import __version__, ops
 from .auxstore import TensorAuxStore
-from .config import Config, ConfigError
+from .config import Config, ConfigError, make_config, read_run_config
 from .data import BatchLoader, Dataset, load_dataset
 from .filters import FilterPair
 from .metrics import JsonlWriter, atomic_write_json, environment, speedup_model
@@ -610,7 +610,6 @@ def evaluate_run(run_dir: str, *, test_subset: int | None = None, data_dir: str 
     on the whole test set by default (runs often evaluate a subset every epoch to save time).
 
     ``data_dir`` replaces the run's data folder (the run moved to another machine)."""
-    from .config import make_config, read_run_config
     values = read_run_config(run_dir, "final_model.pt", "eval")
     model_path = os.path.join(run_dir, "final_model.pt")
     values.update(stages=1, cuts=None, method="serial", schedule="serial:1", epochs=None, progress=False,
