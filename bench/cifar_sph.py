@@ -85,7 +85,7 @@ def run_command(name: str, args: argparse.Namespace, out: str) -> list[str]:
     return [sys.executable, "-m", "layerpar_fast", "train", *common, *extra, "--out", out]
 
 
-def collect(name: str, run_dir: str, cmd: list[str], full: dict[str, Any]) -> dict[str, Any]:
+def collect(run_dir: str, cmd: list[str], full: dict[str, Any]) -> dict[str, Any]:
     with open(os.path.join(run_dir, "summary.json")) as f:
         summary = json.load(f)
     recs = [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))]
@@ -213,7 +213,7 @@ def main() -> int:
                 print(f"== {name}: failed with exit status {code}; continuing with the next run", flush=True)
                 continue
         full = evaluate_run(run_dir, test_subset=None)
-        results[name] = collect(name, run_dir, run_command(name, args, run_dir), full)
+        results[name] = collect(run_dir, run_command(name, args, run_dir), full)
         results[name]["process_time_s"] = time.time() - t0
         print(f"== {name}: {100 * full['test_acc']:.2f}% on {full['num_test']} test images, "
               f"{results[name]['wall_time_s'] / 60:.1f} min", flush=True)
