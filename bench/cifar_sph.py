@@ -13,6 +13,8 @@ worker processes (gloo, 1 thread each) and their wall time is real parallel time
     tail-only     serial:1,idle:P,serial:S: what the serial epochs of SPH buy alone
     al-s2-cycles  al-s2 with augmented serial epochs between parallel ones:
                   serial:1,(parallel:a,serial:1)x3,serial:R
+    al-s{2,4}-shift, al-s2-cycles-shift   the same with --parallel-augment shift: the parallel
+                  phase trains on shifted views, the auxiliary variables shifted with them
 
 SPH runs use the default schedule for E epochs: serial:1,parallel:E-1-S,serial:S with S = E/4.
 Every epoch is evaluated on the first --test-subset test images (the curves and wall time);
@@ -50,6 +52,12 @@ RUNS: dict[str, list[str]] = {
     "al-s2-k3": ["--method", "al", "--stages", "3", "--ds", "2", "--threads", "1"],
     "tail-only": ["--method", "serial", "--stages", "1", "--threads", "2"],   # schedule set below
     "al-s2-cycles": ["--method", "al", "--stages", "2", "--ds", "2", "--threads", "1"],  # schedule below
+    "al-s2-shift": ["--method", "al", "--stages", "2", "--ds", "2", "--threads", "1",
+                    "--parallel-augment", "shift"],
+    "al-s4-shift": ["--method", "al", "--stages", "2", "--ds", "4", "--threads", "1",
+                    "--parallel-augment", "shift"],
+    "al-s2-cycles-shift": ["--method", "al", "--stages", "2", "--ds", "2", "--threads", "1",
+                           "--parallel-augment", "shift"],  # schedule below
 }
 
 
@@ -73,7 +81,7 @@ def run_command(name: str, args: argparse.Namespace, out: str) -> list[str]:
     if name == "tail-only":
         tail = max(1, round(args.epochs / 4))
         extra += ["--schedule", f"serial:1,idle:{args.epochs - 1 - tail},serial:{tail}"]
-    elif name == "al-s2-cycles":
+    elif name.startswith("al-s2-cycles"):
         extra += ["--schedule", cycles_schedule(args.epochs)]
     else:
         extra += ["--epochs", str(args.epochs)]

@@ -24,6 +24,7 @@ TRANSPORTS = ("auto", "local", "dist")
 SERIAL_ON = ("all", "one")
 BALANCE = ("time", "flops")
 PHASES = ("serial", "parallel", "idle")
+PARALLEL_AUGMENTS = ("none", "shift")
 
 
 @dataclass
@@ -66,6 +67,7 @@ class Config:
     gamma: float = 0.5
     al_order: str = "gs"
     window: int = 2
+    parallel_augment: str = "none"
     aux_dtype: str = "fp32"
     kappa_iters: int = 20
     bn_recalib_batches: int = 200
@@ -117,6 +119,8 @@ class Config:
         need(self.al_order in AL_ORDERS, f"--al-order {self.al_order!r} is not one of {', '.join(AL_ORDERS)}")
         need(self.transport in TRANSPORTS, f"--transport {self.transport!r} is not one of {', '.join(TRANSPORTS)}")
         need(self.serial_on in SERIAL_ON, f"--serial-on {self.serial_on!r} is not one of {', '.join(SERIAL_ON)}")
+        need(self.parallel_augment in PARALLEL_AUGMENTS,
+             f"--parallel-augment {self.parallel_augment!r} is not one of {', '.join(PARALLEL_AUGMENTS)}")
         need(self.balance in BALANCE, f"--balance {self.balance!r} is not one of {', '.join(BALANCE)}")
         need(self.cifar100_labels in ("fine", "coarse"),
              f"--cifar100-labels {self.cifar100_labels!r} is not one of fine, coarse")

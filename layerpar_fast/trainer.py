@@ -22,10 +22,11 @@ import torch.nn.functional as F
 from . import __version__, ops
 from .auxstore import TensorAuxStore
 from .config import Config, ConfigError, make_config, read_run_config
-from .data import BatchLoader, Dataset, load_dataset
+from .data import _CIFAR_PAD, _MNIST_SHIFT, BatchLoader, Dataset, _affine, load_dataset
 from .filters import FilterPair
 from .metrics import JsonlWriter, atomic_write_json, environment, speedup_model
 from .models import build_model, cut_points
+from .paraug import ShiftAugment
 from .monitors import cosine, estimate_kappa, frozen_bn_stats, param_norm
 from .staging import StagedModel, as_block_sequence, parse_cuts, split_model
 from .transport import LocalHub
@@ -100,6 +101,8 @@ class HybridTrainer:
         self.total_epochs = cfg.total_epochs()
         self.total_steps = self.total_epochs * self.steps_per_epoch
         self.aug = _augment_kind(cfg.augment, ds)
+        has_par = any(p == "parallel" for p, _ in cfg.phases())
+        self.shift_aug = self._shift_augment() if cfg.parallel_augment == "shift" and has_par else None
         self.train_loader = BatchLoader(ds.x_train, ds.y_train, cfg.batch_size, ds.mean, ds.std,
                                         shuffle=True, augment=self.aug, seed=cfg.seed, device=self.device,
                                         channels_last=cfg.channels_last)
@@ -293,6 +296,27 @@ class HybridTrainer:
         self.aux_bytes = total
         return stores
 
+    def _shift_augment(self) -> ShiftAugment | None:
+        """The parallel phase's shift views (paraug.py), or a ConfigError when they cannot work."""
+        ds, cfg = self.data, self.cfg
+        max_shift = {"crop_flip": _CIFAR_PAD, "shift": _MNIST_SHIFT}.get(self.aug or "", 0)
+        if max_shift == 0:
+            raise ConfigError("--parallel-augment shift takes its largest shift from the serial "
+                              "augmentation (4 px for crop_flip, 2 px for shift), but --augment is none")
+        hw = tuple(ds.x_train.shape[-2:])
+        coarse = [tuple(self.filt.coarse_shape(s)[-2:]) for s in self.cut_shapes]
+        try:
+            unit = ShiftAugment.unit_for(hw, coarse)
+        except ValueError as e:
+            raise ConfigError(f"--parallel-augment shift: {e}") from None
+        if unit > max_shift:
+            raise ConfigError(
+                f"--parallel-augment shift: the cuts' coarse grids ({coarse} for a {hw[0]}x{hw[1]} input, "
+                f"--ds {cfg.ds}) move only in steps of {unit} px, more than the {max_shift} px the "
+                "augmentation allows; cut earlier or use a smaller --ds")
+        _, fill = _affine(ds.mean, ds.std, ds.in_channels, self.device)
+        return ShiftAugment(max_shift, unit, hw, cfg.seed, fill=fill)
+
     def _input_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """idx -> normalised, un-augmented training images on the device (stage 0's input)."""
         loader = self.plain_loader
@@ -315,7 +339,8 @@ class HybridTrainer:
         cfg, ps = self.cfg, self.phase_state
         return [WorkerSettings(method=cfg.method, order=cfg.al_order if cfg.method == "al" else "jacobi",
                                beta=ps.betas[k], gamma=cfg.gamma, window=cfg.window, lr_cap=ps.lr_caps[k],
-                               channels_last=cfg.channels_last, label_smoothing=cfg.label_smoothing)
+                               channels_last=cfg.channels_last, label_smoothing=cfg.label_smoothing,
+                               augment=self.shift_aug)
                 for k in range(len(self.stages))]
 
     def _enter_parallel(self, pidx: int, epoch: int) -> None:

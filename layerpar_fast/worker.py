@@ -27,6 +27,7 @@ from . import ops
 from .profiling import nvtx_range
 from .auxstore import AuxStore
 from .filters import FilterPair
+from .paraug import ShiftAugment
 from .transport import Transport, TransportError
 
 
@@ -42,6 +43,7 @@ class WorkerSettings:
     lr_cap: float = math.inf # stage learning-rate cap (ALGORITHM.md §3)
     channels_last: bool = False
     label_smoothing: float = 0.0
+    augment: ShiftAugment | None = None  # shift views of the parallel phase (paraug.py)
 
 
 @dataclass
@@ -107,6 +109,7 @@ class StageWorker:
         self._deferred: list[tuple[str, int, torch.Tensor]] = []
         self._pending_a: dict[int, torch.Tensor] = {}
         self._recv_upto = {"in": -1, "g": -1}  # highest step received per incoming tag
+        self._shifts: dict[int, torch.Tensor] = {}  # step -> (B, 2) pixel shifts of its view
         self.stats = EpochStats()
 
     # ---------------------------------------------------------------------------------------
@@ -118,6 +121,7 @@ class StageWorker:
         self.done = -1
         self._deferred.clear()
         self._pending_a.clear()
+        self._shifts.clear()
         self._recv_upto = {"in": -1, "g": -1}
         self.stats = EpochStats()
         self.module.train()
@@ -145,12 +149,19 @@ class StageWorker:
                 self._wait("in", self.rank - 1, t - w)
         self._drain_ready()
         idx = self.batches[t]
+        aug = self.cfg.augment
+        sh = None
+        if aug is not None:
+            sh = self._shifts[t] = aug.shifts(self.epoch, t, len(idx))
 
         t0 = time.perf_counter()
         if self.first:
-            z = self.input_fn(idx)
+            z_in = z = self.input_fn(idx)
+            if sh is not None:
+                z = aug.view(z, sh, fill=aug.fill)
         else:
-            z = self.input_store.stage_input(idx, self.filt, self.cfg.channels_last).requires_grad_(True)
+            z_in = self.input_store.stage_input(idx, self.filt, self.cfg.channels_last).requires_grad_(True)
+            z = aug.view(z_in, sh) if sh is not None else z_in
         if not self.last:
             target = self.target_store.gather(idx)
             mult = self.mult_store.gather(idx) if self.mult_store is not None else None
@@ -170,7 +181,15 @@ class StageWorker:
             a = None
         else:
             with nvtx_range(f"stage{self.rank}/local_loss"):
-                loss, a = ops.local_loss(o, target, mult, self.cfg.beta, self.form, self.filt)
+                if sh is None:
+                    loss, a = ops.local_loss(o, target, mult, self.cfg.beta, self.form, self.filt)
+                else:   # compare in canonical coordinates; positions outside the view keep λ̃, u
+                    vis = aug.visible(sh, tuple(target.shape[-2:]), target.device)
+                    zero = torch.zeros((), dtype=target.dtype, device=target.device)
+                    loss, a = ops.local_loss(aug.canonical(o, sh), torch.where(vis, target, zero),
+                                             None if mult is None else torch.where(vis, mult, zero),
+                                             self.cfg.beta, self.form, self.filt)
+                    a = torch.where(vis, a.detach(), target.to(a.dtype))
             tgt = target.float()
             self.stats.drift_num += float((a - tgt).pow(2).sum())
             self.stats.drift_den += float(tgt.pow(2).sum())
@@ -183,7 +202,7 @@ class StageWorker:
         self.stats.loss_sum += float(loss.detach()) * b
         self.stats.samples += b
         if not self.first:
-            g = ops.coarse_input_grad(z.grad, self.filt)
+            g = ops.coarse_input_grad(z_in.grad, self.filt)
             self.tp.send(self.rank - 1, "g", t, g)
         t2 = time.perf_counter()
         self.stats.compute_s += t2 - t1
@@ -270,11 +289,24 @@ class StageWorker:
             self.input_store.scatter_(idx, tensor)
             return
         # tag == "g": the back-propagated signal for this worker's cut
+        vis = None
+        if self.cfg.augment is not None:   # rows outside that step's view keep their values
+            vis = self.cfg.augment.visible(self._shifts[step], self.target_store.row_shape[-2:], tensor.device)
         if self.form == "gs":
+            if vis is not None:
+                tensor = torch.where(vis, tensor, self.mult_store.gather(idx).to(tensor.dtype))
             self.mult_store.scatter_(idx, tensor)          # μ_k ← g_k
             return
         a = self._pending_a.pop(step)
-        before = self.target_store.gather(idx).float()
+        before_raw = self.target_store.gather(idx)
+        before = before_raw.float()
+        u_before = self.mult_store.gather(idx) if (vis is not None and self.mult_store is not None) else None
         new = self.target_store.jacobi_update_(self.mult_store, idx, a, tensor, self.cfg.beta, self.cfg.gamma)
+        if vis is not None:
+            new = torch.where(vis, new, before_raw.to(new.dtype))
+            self.target_store.scatter_(idx, new)
+            if u_before is not None:
+                u_new = self.mult_store.gather(idx)
+                self.mult_store.scatter_(idx, torch.where(vis, u_new, u_before.to(u_new.dtype)))
         self.stats.step_num += float((new.float() - before).pow(2).sum())
         self.tp.send(self.rank + 1, "in", step, new)

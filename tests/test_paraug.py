@@ -1,0 +1,159 @@
+"""Shift views of the parallel phase (layerpar_fast/paraug.py, --parallel-augment shift)."""
+import random
+
+import pytest
+import torch
+
+from layerpar_fast.config import ConfigError
+from layerpar_fast.paraug import ShiftAugment, translate, visible
+
+from test_engine import _run_epoch, assert_same, params, trainer
+
+
+def _translate_loop(x, d):
+    out = torch.zeros_like(x)
+    b, c, h, w = x.shape
+    for i in range(b):
+        dy, dx = int(d[i, 0]), int(d[i, 1])
+        for y in range(h):
+            for xx in range(w):
+                if 0 <= y - dy < h and 0 <= xx - dx < w:
+                    out[i, :, y, xx] = x[i, :, y - dy, xx - dx]
+    return out
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 4, 4), (3, 5, 6, 8), (4, 3, 7, 5)])
+def test_translate_matches_definition_and_adjoint(shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    m = min(shape[-2:]) - 1
+    d = torch.randint(-m, m + 1, (shape[0], 2), generator=g)
+    y = translate(x, d)
+    assert torch.equal(y, _translate_loop(x, d))
+    w = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    # <T x, w> = <x, T^-1 w>: translating back is the adjoint, and autograd uses it
+    assert torch.allclose((y * w).sum(), (x * translate(w, -d)).sum(), rtol=1e-12, atol=1e-12)
+    xg = x.clone().requires_grad_(True)
+    torch.autograd.gradcheck(lambda t: translate(t, d), (xg,))
+    # a round trip keeps exactly the positions that stayed in view, zero elsewhere
+    back = translate(y, -d)
+    vis = visible(d, shape[2], shape[3])
+    assert torch.equal(back, torch.where(vis, x, torch.zeros((), dtype=x.dtype)))
+
+
+def test_translate_keeps_channels_last_and_rejects_bad_shifts():
+    x = torch.randn(2, 3, 6, 6).contiguous(memory_format=torch.channels_last)
+    y = translate(x, torch.tensor([[1, -2], [0, 3]]))
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="does not fit"):
+        translate(x, torch.tensor([[6, 0], [0, 0]]))
+    with pytest.raises(ValueError, match="B, 2"):
+        translate(x, torch.tensor([1, 2]))
+
+
+def test_shift_unit_and_draws():
+    assert ShiftAugment.unit_for((32, 32), [(16, 16)]) == 2
+    assert ShiftAugment.unit_for((32, 32), [(16, 16), (4, 4)]) == 8
+    assert ShiftAugment.unit_for((28, 28), [(14, 14), (7, 7)]) == 4
+    with pytest.raises(ValueError, match="does not divide"):
+        ShiftAugment.unit_for((32, 32), [(12, 12)])
+    aug = ShiftAugment(4, 2, (32, 32), seed=3)
+    a = aug.shifts(1, 5, 500)
+    assert torch.equal(a, ShiftAugment(4, 2, (32, 32), seed=3).shifts(1, 5, 500))   # same on every stage
+    assert not torch.equal(a, aug.shifts(1, 6, 500)) and not torch.equal(a, aug.shifts(2, 5, 500))
+    assert set(a.unique().tolist()) == {-4, -2, 0, 2, 4}
+    # pixel shifts become whole cells of every map: 2 px is one cell of a 16x16 grid
+    assert torch.equal(aug.scaled(torch.tensor([[4, -2]]), (16, 16)), torch.tensor([[2, -1]]))
+    with pytest.raises(ValueError, match="whole cells"):
+        aug.scaled(torch.tensor([[2, 0]]), (8, 8))
+
+
+def test_view_fills_the_image_border_with_the_given_value():
+    aug = ShiftAugment(2, 1, (4, 4), seed=0)
+    x = torch.arange(2 * 16, dtype=torch.float32).reshape(1, 2, 4, 4)
+    fill = torch.tensor([-1.5, 7.0]).reshape(2, 1, 1)
+    v = aug.view(x, torch.tensor([[1, 0]]), fill=fill)
+    assert torch.equal(v[0, :, 0], fill[:, :, 0].expand(2, 4))   # the row that came in is the fill
+    assert torch.equal(v[0, :, 1:], x[0, :, :3])
+
+
+def _shift_trainer(**kw):
+    base = dict(augment="crop_flip", parallel_augment="shift")
+    base.update(kw)
+    return trainer(**base)
+
+
+def test_zero_shifts_are_the_plain_parallel_phase(monkeypatch):
+    """With every drawn shift 0 the shift path computes exactly the unaugmented parallel phase."""
+    plain = trainer(augment="crop_flip")
+    plain.run()
+    monkeypatch.setattr(ShiftAugment, "shifts", lambda self, e, t, n: torch.zeros(n, 2, dtype=torch.long))
+    shifted = _shift_trainer()
+    assert shifted.shift_aug is not None and shifted.shift_aug.unit == 2
+    shifted.run()
+    assert_same(params(plain.model), params(shifted.model))
+
+
+def test_shifts_change_the_training():
+    plain = trainer(augment="crop_flip")
+    plain.run()
+    shifted = _shift_trainer()
+    shifted.run()
+    assert any(not torch.equal(a, b) for a, b in zip(params(plain.model), params(shifted.model)))
+
+
+@pytest.mark.parametrize("method, order", [("al", "gs"), ("al", "jacobi"), ("penalty", "jacobi")])
+def test_shifted_parallel_phase_is_deterministic_and_stores_stay_mirrored(method, order):
+    """Any stage interleaving gives the same parameters and stores, and stage k+1's input store
+    still mirrors stage k's targets (ALGORITHM.md §5 semantics kept under shift views)."""
+    results = []
+    for sched in ("lockstep", "random", "reverse"):
+        tr = _shift_trainer(method=method, al_order=order, window=1)
+        tr._enter_parallel(0, 0)
+        rng = random.Random(2)
+        pick = {"lockstep": lambda live: sorted(live),
+                "random": lambda live: rng.sample(live, len(live)),
+                "reverse": lambda live: sorted(live, reverse=True)}[sched]
+        for e in range(2):
+            _run_epoch(tr, e, pick)
+        for k in range(len(tr.stages) - 1):
+            assert torch.equal(tr.stores["target"][k].table, tr.stores["input"][k + 1].table)
+        results.append((params(tr.model), [s.table.clone() for lst in tr.stores.values() for s in lst if s]))
+    for other in results[1:]:
+        assert_same(results[0][0], other[0])
+        assert_same(results[0][1], other[1])
+
+
+@pytest.mark.parametrize("method, order", [("al", "gs"), ("al", "jacobi"), ("penalty", "jacobi")])
+def test_store_positions_outside_the_view_keep_their_values(monkeypatch, method, order):
+    """An unshifted epoch, then one with every sample shifted down by 4 px: the last 2 rows of each
+    4x4 coarse grid leave the view, so the second epoch changes λ̃ and u only in the first 2 rows."""
+    shift = {"d": 0}
+    monkeypatch.setattr(ShiftAugment, "shifts",
+                        lambda self, e, t, n: torch.tensor([[shift["d"], 0]]).expand(n, 2).contiguous())
+    tr = _shift_trainer(method=method, al_order=order, cuts=(2,))
+    tr._enter_parallel(0, 0)
+    _run_epoch(tr, 0, sorted)
+    lam0 = tr.stores["target"][0].table.clone()
+    mult = tr.stores["mult"][0]
+    u0 = None if mult is None else mult.table.clone()
+    assert u0 is None or float(u0[:, :, 2:].abs().min()) > 0.0
+    shift["d"] = 4
+    _run_epoch(tr, 1, sorted)
+    lam1 = tr.stores["target"][0].table
+    assert lam1.shape[-2:] == (4, 4)
+    assert torch.equal(lam1[:, :, 2:], lam0[:, :, 2:])
+    assert not torch.equal(lam1[:, :, :2], lam0[:, :, :2])
+    if mult is not None:
+        assert torch.equal(mult.table[:, :, 2:], u0[:, :, 2:])
+        assert not torch.equal(mult.table[:, :, :2], u0[:, :, :2])
+    assert torch.equal(tr.stores["input"][1].table, lam1)
+
+
+def test_bad_shift_configurations_fail_before_training():
+    with pytest.raises(ConfigError, match="--augment is none"):
+        trainer(augment="none", parallel_augment="shift")
+    with pytest.raises(ConfigError, match="steps of 8 px"):
+        _shift_trainer(ds=8, cuts=(2,))
+    with pytest.raises(ConfigError, match="--parallel-augment 'flip'"):
+        trainer(parallel_augment="flip")
