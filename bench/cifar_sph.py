@@ -109,7 +109,10 @@ def collect(run_dir: str, cmd: list[str], full: dict[str, Any]) -> dict[str, Any
         "num_test": full["num_test"],
         "wall_time_s": summary["wall_time_s"], "time_per_epoch_s": summary["time_per_epoch_s"],
         "ds_test_acc_last_parallel": last.get("ds_test_acc"),
-        "aux_memory_bytes": last.get("aux_memory_bytes"),
+        # rank 0's stores (older runs recorded only those); newer runs also list every rank's
+        "aux_memory_bytes": (last.get("aux_memory_bytes_per_rank") or [last.get("aux_memory_bytes")])[0],
+        "aux_memory_bytes_all_ranks": sum(last["aux_memory_bytes_per_rank"])
+        if last.get("aux_memory_bytes_per_rank") else None,
         "bytes_per_epoch": sum(last.get("bytes_per_cut") or []) or None,
         "bytes_per_epoch_full_resolution": sum(last.get("bytes_per_cut_full_resolution") or []) or None,
         "violation_last_parallel": last.get("violation"),

@@ -592,9 +592,11 @@ class DistTrainer(HybridTrainer):
         stats = worker.end_epoch()
         wall = time.perf_counter() - t0
         _bar_close(bar)
-        gathered = _all_gather_object((stats, self.transport.counters(), wall))
+        gathered = _all_gather_object((stats, self.transport.counters(), wall, getattr(self, "aux_bytes", 0)))
         self.sync_stages()
         rec = self._parallel_record(epoch, [g[0] for g in gathered], [_Counters(g[1]) for g in gathered])
+        rec["aux_memory_bytes"] = sum(g[3] for g in gathered)      # every rank's stores
+        rec["aux_memory_bytes_per_rank"] = [g[3] for g in gathered]
         walls = [g[2] for g in gathered]
         rec["parallel_wall_s"] = max(walls)
         rec["parallel_wall_per_rank_s"] = walls

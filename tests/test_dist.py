@@ -61,11 +61,12 @@ def tiny_config(k: int, **kw):
     return make_config(**base)
 
 
-def local_state(k: int, **kw) -> dict[str, torch.Tensor]:
+def local_run(k: int, **kw) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """The single-process engine's final parameters and per-epoch records."""
     tr = HybridTrainer(tiny_config(k, transport="local", **kw), None, data=tiny_data(), model=tiny_model(),
                        cuts=CUTS[k], log=lambda m: None)
     tr.run()
-    return {n: t.detach().clone() for n, t in tr.model.state_dict().items()}
+    return {n: t.detach().clone() for n, t in tr.model.state_dict().items()}, tr.records
 
 
 def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -191,7 +192,7 @@ def test_distributed_run_equals_single_process_run(tmp_path, k, cases):
     results = run_cases(tmp_path, k, cases)
     for kw, res in zip(cases, results):
         assert res["ranks_agree"] == 0.0, kw
-        ref = local_state(k, **kw)
+        ref, ref_records = local_run(k, **kw)
         diff = max_diff(res["state"], ref)
         if kw.get("serial_on") == "all":
             assert all(torch.isfinite(t).all() for t in res["state"].values() if t.is_floating_point()), kw
@@ -204,6 +205,11 @@ def test_distributed_run_equals_single_process_run(tmp_path, k, cases):
         assert len(counters) == k
         assert counters[0]["bytes_sent"]["in"] > 0 and counters[-1]["bytes_sent"]["g"] > 0
         assert par[-1]["speedup_model"]["rho_pred"] > 0
+        # the ranks' stores together are the single-process engine's stores
+        per_rank = par[-1]["aux_memory_bytes_per_rank"]
+        assert len(per_rank) == k and all(b > 0 for b in per_rank)
+        ref_par = [r for r in ref_records if r["phase"] == "parallel"]
+        assert par[-1]["aux_memory_bytes"] == sum(per_rank) == ref_par[-1]["aux_memory_bytes"]
 
 
 # ------------------------------------------------------------------------------------ failures
