@@ -157,3 +157,13 @@ def test_bad_shift_configurations_fail_before_training():
         _shift_trainer(ds=8, cuts=(2,))
     with pytest.raises(ConfigError, match="--parallel-augment 'flip'"):
         trainer(parallel_augment="flip")
+
+
+def test_shift_views_with_channels_last():
+    """The shift path keeps working in channels_last (stage inputs and outputs keep the format)."""
+    ref = _shift_trainer()
+    ref.run()
+    cl = _shift_trainer(channels_last=True)
+    cl.run()
+    for a, b in zip(params(ref.model), params(cl.model)):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5)
