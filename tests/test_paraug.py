@@ -1,13 +1,11 @@
 """Shift views of the parallel phase (layerpar_fast/paraug.py, --parallel-augment shift)."""
-import random
-
 import pytest
 import torch
 
 from layerpar_fast.config import ConfigError
 from layerpar_fast.paraug import ShiftAugment, translate, visible
 
-from test_engine import _run_epoch, assert_same, params, trainer
+from test_engine import _run_epoch, assert_all_same, assert_same, interleaving_results, params, trainer
 
 
 def _translate_loop(x, d):
@@ -106,22 +104,12 @@ def test_shifts_change_the_training():
 def test_shifted_parallel_phase_is_deterministic_and_stores_stay_mirrored(method, order):
     """Any stage interleaving gives the same parameters and stores, and stage k+1's input store
     still mirrors stage k's targets (ALGORITHM.md §5 semantics kept under shift views)."""
-    results = []
-    for sched in ("lockstep", "random", "reverse"):
-        tr = _shift_trainer(method=method, al_order=order, window=1)
-        tr._enter_parallel(0, 0)
-        rng = random.Random(2)
-        pick = {"lockstep": lambda live: sorted(live),
-                "random": lambda live: rng.sample(live, len(live)),
-                "reverse": lambda live: sorted(live, reverse=True)}[sched]
-        for e in range(2):
-            _run_epoch(tr, e, pick)
+    def mirrored(tr):
         for k in range(len(tr.stages) - 1):
             assert torch.equal(tr.stores["target"][k].table, tr.stores["input"][k + 1].table)
-        results.append((params(tr.model), [s.table.clone() for lst in tr.stores.values() for s in lst if s]))
-    for other in results[1:]:
-        assert_same(results[0][0], other[0])
-        assert_same(results[0][1], other[1])
+
+    assert_all_same(interleaving_results(lambda: _shift_trainer(method=method, al_order=order, window=1),
+                                         seed=2, check=mirrored))
 
 
 @pytest.mark.parametrize("method, order", [("al", "gs"), ("al", "jacobi"), ("penalty", "jacobi")])
