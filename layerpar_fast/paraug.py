@@ -25,6 +25,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .data import _derive_seed
+
 PARALLEL_AUGMENTS = ("none", "shift")
 
 _SEED_TAG = 7  # keeps these draws unrelated to the loader's (seed, epoch, 1, step) generator
@@ -110,7 +112,6 @@ class ShiftAugment:
 
     def shifts(self, epoch: int, step: int, n: int) -> torch.Tensor:
         """The (n, 2) pixel shifts of batch ``step`` of ``epoch`` (the same on every stage)."""
-        from .data import _derive_seed
         g = torch.Generator().manual_seed(_derive_seed(self.seed, epoch, _SEED_TAG, step))
         k = self.max_shift // self.unit
         return torch.randint(-k, k + 1, (n, 2), generator=g) * self.unit
