@@ -16,7 +16,8 @@ worker processes (gloo, 1 thread each) and their wall time is real parallel time
     al-s{2,4}-shift, al-s2-cycles-shift   the same with --parallel-augment shift: the parallel
                   phase trains on shifted views, the auxiliary variables shifted with them
 
-SPH runs use the default schedule for E epochs: serial:1,parallel:E-1-S,serial:S with S = E/4.
+SPH runs use the default schedule for E epochs: serial:1,parallel:E-1-S,serial:S with S = E/4
+(--tail S sets another serial tail for them and for tail-only).
 Every epoch is evaluated on the first --test-subset test images (the curves and wall time);
 afterwards the final model is evaluated on the whole test set (`layerpar eval`), outside the
 wall time.
@@ -78,11 +79,13 @@ def run_command(name: str, args: argparse.Namespace, out: str) -> list[str]:
               "--test-subset", str(args.test_subset), "--no-progress"]
     if args.subset:
         common += ["--subset", str(args.subset)]
+    tail = args.tail if args.tail is not None else max(1, round(args.epochs / 4))
     if name == "tail-only":
-        tail = max(1, round(args.epochs / 4))
         extra += ["--schedule", f"serial:1,idle:{args.epochs - 1 - tail},serial:{tail}"]
     elif name.startswith("al-s2-cycles"):
         extra += ["--schedule", cycles_schedule(args.epochs)]
+    elif args.tail is not None and extra[extra.index("--method") + 1] != "serial":
+        extra += ["--schedule", f"serial:1,parallel:{args.epochs - 1 - tail},serial:{tail}"]
     else:
         extra += ["--epochs", str(args.epochs)]
     if args.cuts and "--stages" in extra and extra[extra.index("--stages") + 1] == "2" and name != "ddp":
@@ -179,6 +182,8 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tail", type=int, help="serial epochs after the parallel phase of the SPH and tail-only "
+                   "runs (default: epochs / 4)")
     p.add_argument("--cuts", help="the cut of the K = 2 runs (default: balanced by FLOPs)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="an extra `layerpar train` option for every selected run (e.g. --set beta_c=1.2)")
@@ -190,6 +195,8 @@ def main() -> int:
     unknown = [n for n in names if n not in RUNS]
     if unknown:
         p.error(f"unknown runs {unknown}; valid: {', '.join(RUNS)}")
+    if args.tail is not None and not 1 <= args.tail <= args.epochs - 2:
+        p.error(f"--tail {args.tail} must be between 1 and epochs - 2 = {args.epochs - 2}")
     from layerpar_fast.data import load_dataset
     from layerpar_fast.trainer import evaluate_run
     load_dataset(args.dataset, args.data_dir)  # decode/cache once, before any run starts
