@@ -67,74 +67,83 @@ def _env(backend: str) -> Callable[[Callable[[], Any]], Callable[[], Any]]:
     return wrap
 
 
-def _memcpy(nbytes: int) -> Callable[[], Any]:
+def _memcpy(nbytes: int, device: str = "cpu") -> Callable[[], Any]:
     """A copy that reads nbytes/2 and writes nbytes/2 (nbytes of traffic)."""
     half = max(1, nbytes // 2)
-    src = torch.ones(half, dtype=torch.uint8)
+    src = torch.ones(half, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     return lambda: dst.copy_(src)
 
 
-def make_case(op: str, cut: tuple[int, int, int], s: int, dt: str) -> Case:
-    """Inputs and callables for one (op, cut, s, store dtype)."""
+def make_case(op: str, cut: tuple[int, int, int], s: int, dt: str, device: str = "cpu", fast: str = "cpp",
+              batch: int = BATCH, store_rows: int = STORE_ROWS) -> Case:
+    """Inputs and callables for one (op, cut, s, store dtype): ``fast`` is the LAYERPAR_OPS backend
+    timed against ``ref`` (cpp on CPU tensors, triton on CUDA tensors), on ``device``."""
     gen = torch.Generator().manual_seed(0)
     dtype = DTYPES[dt]
     esz = torch.empty((), dtype=dtype).element_size()
     c, hh, ww = cut
     h, w = hh // s, ww // s
     filt = FilterPair(s)
-    n_fine, n_coarse = BATCH * c * hh * ww, BATCH * c * h * w
-    idx = torch.randperm(STORE_ROWS, generator=gen)[:BATCH]
+    n_fine, n_coarse = batch * c * hh * ww, batch * c * h * w
+    idx = torch.randperm(store_rows, generator=gen)[:batch].to(device)
+
+    def rand(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
 
     def store() -> torch.Tensor:
-        return torch.randn(STORE_ROWS, c, h, w, generator=gen).to(dtype)
+        return rand(store_rows, c, h, w, dtype=dtype)
 
     if op == "local_loss":
-        o = torch.randn(BATCH, c, hh, ww, generator=gen, requires_grad=True)
-        tgt = torch.randn(BATCH, c, h, w, generator=gen).to(dtype)
-        mult = torch.randn(BATCH, c, h, w, generator=gen).to(dtype)
+        o = rand(batch, c, hh, ww).requires_grad_()
+        tgt = rand(batch, c, h, w, dtype=dtype)
+        mult = rand(batch, c, h, w, dtype=dtype)
 
-        def step() -> None:
+        def step() -> torch.Tensor:
             loss, _ = ops.local_loss(o, tgt, mult, BETA, "jacobi", filt)
             loss.backward()
+            grad = o.grad
             o.grad = None
+            return grad
 
         # minimal traffic: read o, target, mult; write a (s > 1; at s = 1 a is o) and grad_o
         nbytes = 4 * n_fine + 2 * esz * n_coarse + (4 * n_coarse if s > 1 else 0) + 4 * n_fine
-        return Case(_env("cpp")(step), _env("ref")(step), _memcpy(nbytes), nbytes, "memcpy")
+        return Case(_env(fast)(step), _env("ref")(step), _memcpy(nbytes, device), nbytes, "memcpy")
     if op == "coarse_input_grad":
-        gz = torch.randn(BATCH, c, hh, ww, generator=gen)
+        gz = rand(batch, c, hh, ww)
         fn = lambda: ops.coarse_input_grad(gz, filt)  # noqa: E731
         nbytes = 4 * n_fine + 4 * n_coarse
-        return Case(_env("cpp")(fn), _env("ref")(fn), _memcpy(nbytes), nbytes, "memcpy")
+        return Case(_env(fast)(fn), _env("ref")(fn), _memcpy(nbytes, device), nbytes, "memcpy")
     if op == "jacobi_update_":
         lam, u = store(), store()
-        a = torch.randn(BATCH, c, h, w, generator=gen)
-        g = torch.randn(BATCH, c, h, w, generator=gen)
+        a = rand(batch, c, h, w)
+        g = rand(batch, c, h, w)
         fn = lambda: ops.jacobi_update_(lam, u, idx, a, g, BETA, GAMMA)  # noqa: E731
         nbytes = 2 * esz * n_coarse + 2 * 4 * n_coarse + 3 * esz * n_coarse
-        return Case(_env("cpp")(fn), _env("ref")(fn), _memcpy(nbytes), nbytes, "memcpy")
+        return Case(_env(fast)(fn), _env("ref")(fn), _memcpy(nbytes, device), nbytes, "memcpy")
     if op == "stage_input":
         st = store()
         fn = lambda: ops.stage_input(st, idx, filt)  # noqa: E731
         nbytes = esz * n_coarse + 4 * n_fine
-        return Case(_env("cpp")(fn), _env("ref")(fn), _memcpy(nbytes), nbytes, "memcpy")
+        return Case(_env(fast)(fn), _env("ref")(fn), _memcpy(nbytes, device), nbytes, "memcpy")
+    if device != "cpu":
+        raise ValueError(f"{op} is benchmarked on CPU stores only (device {device!r})")
     pin = torch.cuda.is_available()
     st = store()
     if op == "gather_rows":
-        out = torch.empty((BATCH, c, h, w), dtype=dtype, pin_memory=pin)  # the staging buffer
+        out = torch.empty((batch, c, h, w), dtype=dtype, pin_memory=pin)  # the staging buffer
         base = lambda: torch.index_select(st, 0, idx, out=out)  # noqa: E731
         fn = lambda: ops.gather_rows(st, idx, out=out)  # noqa: E731
         nbytes = 2 * esz * n_coarse
-        return Case(_env("cpp")(fn), base, _memcpy(nbytes), nbytes, "index_select")
+        return Case(_env(fast)(fn), base, _memcpy(nbytes), nbytes, "index_select")
     if op == "scatter_rows_":
-        rows = torch.randn(BATCH, c, h, w, generator=gen)  # fp32 rows cast into the store
+        rows = rand(batch, c, h, w)  # fp32 rows cast into the store
         if pin:
             rows = rows.pin_memory()
         base = lambda: st.index_copy_(0, idx, rows.to(dtype))  # noqa: E731
         fn = lambda: ops.scatter_rows_(st, idx, rows)  # noqa: E731
         nbytes = 4 * n_coarse + esz * n_coarse
-        return Case(_env("cpp")(fn), base, _memcpy(nbytes), nbytes, "index_copy_")
+        return Case(_env(fast)(fn), base, _memcpy(nbytes), nbytes, "index_copy_")
     raise ValueError(f"unknown op {op!r}; valid: {OPS}")
 
 
