@@ -17,7 +17,8 @@ worker processes (gloo, 1 thread each) and their wall time is real parallel time
                   phase trains on shifted views, the auxiliary variables shifted with them
 
 SPH runs use the default schedule for E epochs: serial:1,parallel:E-1-S,serial:S with S = E/4
-(--tail S sets another serial tail for them and for tail-only).
+(--tail S sets another serial tail for them and for tail-only; such runs are named NAME-tailS).
+--seed N (N != 0) names the runs NAME-seedN; "vs serial" compares them with serial-seedN.
 Every epoch is evaluated on the first --test-subset test images (the curves and wall time);
 afterwards the final model is evaluated on the whole test set (`layerpar eval`), outside the
 wall time.
@@ -96,6 +97,18 @@ def run_command(name: str, args: argparse.Namespace, out: str) -> list[str]:
     return [sys.executable, "-m", "layerpar_fast", "train", *common, *extra, "--out", out]
 
 
+def run_key(name: str, args: argparse.Namespace) -> str:
+    """The run's name in OUT: the run name, plus -tail{S} when --tail changed its schedule and
+    -seed{N} for seeds other than 0, so variants sit beside the defaults in one table."""
+    key = name
+    if args.tail is not None and (name == "tail-only" or (RUNS[name][RUNS[name].index("--method") + 1] != "serial"
+                                                          and not name.startswith("al-s2-cycles"))):
+        key += f"-tail{args.tail}"
+    if args.seed != 0:
+        key += f"-seed{args.seed}"
+    return key
+
+
 def collect(run_dir: str, cmd: list[str], full: dict[str, Any]) -> dict[str, Any]:
     with open(os.path.join(run_dir, "summary.json")) as f:
         summary = json.load(f)
@@ -138,11 +151,13 @@ def fmt_bytes(n: float | None) -> str:
 def write_table(results: dict[str, Any], meta: dict[str, Any], path: str) -> None:
     base = results.get("serial", {}).get("full_test_acc")
     base_t = results.get("serial", {}).get("wall_time_s")
+    seeds = {k.rpartition("-seed")[2]: v for k, v in results.items() if k.startswith("serial-seed")}
     lines = [
         f"# CIFAR-10 {meta['model']}: serial vs DDP vs SPH ({meta['epochs']} epochs, "
         f"{meta['subset'] or 'all'} training images)",
         "",
-        f"Machine: {meta['machine']}. Command: `{meta['command']}`.",
+        f"Machine: {meta['machine']}. Commands: " + "; ".join(f"`{c}`" for c in meta.get("commands")
+                                                           or [meta["command"]]) + ".",
         "",
         f"Test accuracy of the final model on the whole test set ({meta['num_test']} images); the DS forward "
         f"(U∘D inserted at every cut: the network the parallel phase trained) after the last parallel epoch on "
@@ -156,7 +171,9 @@ def write_table(results: dict[str, Any], meta: dict[str, Any], path: str) -> Non
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
-        gap = f"{100 * (r['full_test_acc'] - base):+.2f}" if base is not None else "-"
+        ref = seeds.get(name.rpartition("-seed")[2]) if "-seed" in name else None
+        b = ref["full_test_acc"] if ref else base   # the serial run of the same seed
+        gap = f"{100 * (r['full_test_acc'] - b):+.2f}" if b is not None else "-"
         speed = f"{base_t / r['wall_time_s']:.2f}x" if base_t else "-"
         ds = f"{100 * r['ds_test_acc_last_parallel']:.2f}%" if r.get("ds_test_acc_last_parallel") is not None else "-"
         workers = "1 x 2 threads" if r["stages"] == 1 else f"{r['stages']} x 1 thread"
@@ -208,12 +225,15 @@ def main() -> int:
     meta = {"model": args.model, "epochs": args.epochs, "subset": args.subset, "test_subset": args.test_subset,
             "num_test": None, "command": "python " + " ".join(sys.argv),
             "machine": f"{env.get('processor') or 'CPU'}, {os.cpu_count()} cores, torch {env.get('torch')}"}
-    for name in names:
+    commands = [c for c in saved.get("meta", {}).get("commands", []) if c != meta["command"]]
+    meta["commands"] = [*commands, meta["command"]]
+    for run in names:
+        name = run_key(run, args)
         run_dir = os.path.join(args.out, name)
         if name in results and not args.force:
             print(f"== {name}: done ({100 * results[name]['full_test_acc']:.2f}%), skipped", flush=True)
             continue
-        cmd = run_command(name, args, run_dir)
+        cmd = run_command(run, args, run_dir)
         finished = all(os.path.isfile(os.path.join(run_dir, f)) for f in ("summary.json", "final_model.pt"))
         if os.path.isdir(run_dir) and args.force:
             import shutil
@@ -231,7 +251,7 @@ def main() -> int:
                 print(f"== {name}: failed with exit status {code}; continuing with the next run", flush=True)
                 continue
         full = evaluate_run(run_dir, test_subset=None)
-        results[name] = collect(run_dir, run_command(name, args, run_dir), full)
+        results[name] = collect(run_dir, run_command(run, args, run_dir), full)
         results[name]["process_time_s"] = time.time() - t0
         print(f"== {name}: {100 * full['test_acc']:.2f}% on {full['num_test']} test images, "
               f"{results[name]['wall_time_s'] / 60:.1f} min", flush=True)
@@ -242,7 +262,7 @@ def main() -> int:
         meta["num_test"] = next(iter(results.values()))["num_test"]
         write_table(results, meta, os.path.join(args.out, "results.md"))
         from layerpar_fast.plot import plot_runs
-        done = [n for n in RUNS if n in results]
+        done = list(results)
         plot_runs([os.path.join(args.out, n) for n in done], os.path.join(args.out, "tta.png"), done)
         print(open(os.path.join(args.out, "results.md")).read())
     return 0
