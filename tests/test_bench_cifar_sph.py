@@ -1,0 +1,67 @@
+"""bench/cifar_sph.py: the commands and run names of its runs (no training here)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+import cifar_sph  # noqa: E402
+
+
+def args(**kw):
+    base = dict(dataset="cifar10", data_dir="d", model="resnet20", batch_size=128, lr=0.1, seed=0,
+                test_subset=2000, subset=None, epochs=18, tail=None, cuts="4", set=[])
+    return argparse.Namespace(**{**base, **kw})
+
+
+def schedule_of(cmd):
+    return cmd[cmd.index("--schedule") + 1] if "--schedule" in cmd else None
+
+
+def test_default_schedules_and_names():
+    a = args()
+    assert cifar_sph.run_key("al-s2-shift", a) == "al-s2-shift"
+    cmd = cifar_sph.run_command("al-s2-shift", a, "o")
+    assert cmd[cmd.index("--epochs") + 1] == "18" and schedule_of(cmd) is None
+    assert cmd[cmd.index("--parallel-augment") + 1] == "shift" and cmd[cmd.index("--cuts") + 1] == "4"
+    assert schedule_of(cifar_sph.run_command("tail-only", a, "o")) == "serial:1,idle:13,serial:4"
+    assert schedule_of(cifar_sph.run_command("al-s2-cycles", a, "o")) == "serial:1,(parallel:3,serial:1)x3,serial:5"
+    assert "--cuts" not in cifar_sph.run_command("ddp", a, "o")
+
+
+def test_tail_changes_sph_and_tail_only_runs_and_their_names():
+    a = args(tail=6)
+    assert schedule_of(cifar_sph.run_command("al-s2-shift", a, "o")) == "serial:1,parallel:11,serial:6"
+    assert schedule_of(cifar_sph.run_command("tail-only", a, "o")) == "serial:1,idle:11,serial:6"
+    assert cifar_sph.run_key("al-s2-shift", a) == "al-s2-shift-tail6"
+    assert cifar_sph.run_key("tail-only", a) == "tail-only-tail6"
+    # serial runs and the cycles have no tail to change: same command, same name
+    for name in ("serial", "ddp", "al-s2-cycles-shift"):
+        assert cifar_sph.run_key(name, a) == name
+        assert cifar_sph.run_command(name, a, "o") == cifar_sph.run_command(name, args(), "o")
+
+
+def test_seed_names_and_vs_serial_of_the_same_seed(tmp_path):
+    a = args(seed=1, tail=6)
+    assert cifar_sph.run_key("serial", a) == "serial-seed1"
+    assert cifar_sph.run_key("al-s2-shift", a) == "al-s2-shift-tail6-seed1"
+    row = {"schedule": "s", "stages": 2, "ds": 2, "wall_time_s": 60.0}
+    results = {"serial": {**row, "stages": 1, "full_test_acc": 0.80},
+               "serial-seed1": {**row, "stages": 1, "full_test_acc": 0.90},
+               "al-s2-shift-tail6-seed1": {**row, "full_test_acc": 0.895}}
+    meta = {"model": "resnet20", "epochs": 18, "subset": None, "test_subset": 2000, "num_test": 10000,
+            "machine": "m", "command": "c"}
+    cifar_sph.write_table(results, meta, str(tmp_path / "t.md"))
+    line = next(x for x in (tmp_path / "t.md").read_text().splitlines() if x.startswith("| al-s2-shift-tail6-seed1"))
+    assert "| -0.50 |" in line          # against serial-seed1, not against serial (seed 0)
+
+
+@pytest.mark.parametrize("tail", [0, 17])
+def test_a_tail_that_leaves_no_parallel_epoch_is_refused(tail, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["cifar_sph.py", "--epochs", "18", "--tail", str(tail), "--only", "serial"])
+    with pytest.raises(SystemExit):
+        cifar_sph.main()
+    assert "--tail" in capsys.readouterr().err
