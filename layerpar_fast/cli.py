@@ -47,8 +47,9 @@ _TRAIN_OPTIONS: dict[str, tuple[Any, str]] = {
     "gamma": (float, "lambda-step weight gamma in (0, 1] (Jacobi order and penalty)"),
     "al_order": (str, f"augmented-Lagrangian update order: {', '.join(AL_ORDERS)}"),
     "window": (int, "W: how many steps a stage may run ahead of its neighbours' messages"),
-    "parallel_augment": (str, "none | shift: train the parallel phase on randomly shifted views, the "
-                              "auxiliary variables shifted with them (multiples of the cuts' coarse stride)"),
+    "parallel_augment": (str, "none | shift | shift_flip: train the parallel phase on randomly shifted views, the "
+                              "auxiliary variables shifted with them (multiples of the cuts' coarse stride); "
+                              "shift_flip adds mirror images with auxiliary variables of their own (2x memory)"),
     "aux_dtype": (str, f"storage dtype of the auxiliary variables: {', '.join(AUX_DTYPES)}"),
     "kappa_iters": (int, "power iterations for the local-loss curvature kappa_k"),
     "bn_recalib_batches": (int, "batches of BatchNorm recalibration after parallel epochs"),

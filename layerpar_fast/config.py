@@ -24,7 +24,7 @@ TRANSPORTS = ("auto", "local", "dist")
 SERIAL_ON = ("all", "one")
 BALANCE = ("time", "flops")
 PHASES = ("serial", "parallel", "idle")
-PARALLEL_AUGMENTS = ("none", "shift")
+PARALLEL_AUGMENTS = ("none", "shift", "shift_flip")
 
 
 @dataclass

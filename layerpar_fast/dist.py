@@ -564,13 +564,13 @@ class DistTrainer(HybridTrainer):
     def _workers(self, settings: list[WorkerSettings]) -> list[StageWorker]:
         k, st = self.rank, self.stores
         return [StageWorker(k, self.world, self.stages[k], self.optimizers[k], self.transport, settings[k],
-                            self.filt, self.data.x_train, self.data.y_train,
+                            self.filt, self.data.x_train, self._parallel_labels(),
                             self._input_fn() if k == 0 else None, st["input"][k], st["target"][k],
                             st["mult"][k], self.device)]
 
     def _parallel_epoch(self, epoch: int) -> dict[str, Any]:
         cfg = self.cfg
-        batches = self.plain_loader.batches(epoch)
+        batches = self._parallel_batches(epoch)
         worker = self._workers(self._settings())[0]
         step0 = epoch * self.steps_per_epoch
         self.transport.reset_counters()

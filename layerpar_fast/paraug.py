@@ -16,6 +16,12 @@ batch can be trained on a randomly shifted view while the stores keep the canoni
 
 Shifts are drawn per sample from a generator seeded by (seed, epoch, step): every stage of a run,
 in one process or many, sees the same shifts, and the run stays deterministic.
+
+Mirror images are not a symmetry of a convolutional stage (its filters are not mirror-symmetric),
+so ``--parallel-augment shift_flip`` gives each sample's mirror image auxiliary variables of its
+own (``FlipViews``): the stores hold 2N rows, row ``i`` the canonical view of sample ``i`` and row
+``N + i`` its mirror image, and each epoch visits one of the two per sample, alternating, so each
+row is visited every other epoch.
 """
 from __future__ import annotations
 
@@ -27,9 +33,10 @@ import torch.nn.functional as F
 
 from .data import _derive_seed
 
-PARALLEL_AUGMENTS = ("none", "shift")
+PARALLEL_AUGMENTS = ("none", "shift", "shift_flip")
 
 _SEED_TAG = 7  # keeps these draws unrelated to the loader's (seed, epoch, 1, step) generator
+_FLIP_TAG = 8
 
 
 def translate(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -140,3 +147,50 @@ class ShiftAugment:
     def visible(self, d: torch.Tensor, hw: tuple[int, int], device: torch.device | str = "cpu") -> torch.Tensor:
         """(B, 1, h, w) mask of the canonical positions of a (h, w) map that the view shows."""
         return visible(self.scaled(d, hw), hw[0], hw[1], device)
+
+
+class FlipViews:
+    """Mirror views of the parallel phase with auxiliary rows of their own.
+
+    A *view index* ``v`` in [0, 2N) names sample ``v mod N``, mirrored (left-right) when ``v >= N``.
+    In epoch ``e`` sample ``i`` is seen as its mirror image when ``e + r_i`` is odd, ``r_i`` a bit
+    drawn once from ``seed``: both views of every sample are trained on equally often, each row of
+    the stores is read and written every other epoch, and every stage of a run (one process or
+    many) derives the same views from (seed, epoch) alone.
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        if n < 1:
+            raise ValueError(f"FlipViews needs at least one sample, got {n}")
+        self.n = int(n)
+        g = torch.Generator().manual_seed(_derive_seed(int(seed), 0, _FLIP_TAG, 0))
+        self.parity = torch.randint(0, 2, (self.n,), generator=g)
+
+    @property
+    def rows(self) -> int:
+        """Rows of every auxiliary store: one per sample and view."""
+        return 2 * self.n
+
+    def views(self, idx: torch.Tensor, epoch: int) -> torch.Tensor:
+        """The view indices that sample indices ``idx`` are trained on in ``epoch``."""
+        idx = idx.to(torch.long)
+        return idx + self.n * ((self.parity[idx.cpu()].to(idx.device) + int(epoch)) % 2)
+
+    def other(self, v: torch.Tensor) -> torch.Tensor:
+        """The other view of the same samples."""
+        return (v + self.n) % (2 * self.n)
+
+    def samples(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sample indices, mirrored mask) of view indices ``v``."""
+        if v.numel() and (int(v.min()) < 0 or int(v.max()) >= 2 * self.n):
+            raise IndexError(f"view index out of range [0, {2 * self.n})")
+        return v % self.n, v >= self.n
+
+    @staticmethod
+    def mirror(x: torch.Tensor, mirrored: torch.Tensor) -> torch.Tensor:
+        """``x`` (B, C, H, W) with the rows where ``mirrored`` is true flipped left-right (a copy)."""
+        out = x.clone()
+        m = mirrored.to(x.device)
+        if bool(m.any()):
+            out[m] = x[m].flip(-1)
+        return out

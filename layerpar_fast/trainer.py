@@ -26,7 +26,7 @@ from .data import _CIFAR_PAD, _MNIST_SHIFT, BatchLoader, Dataset, _affine, load_
 from .filters import FilterPair
 from .metrics import JsonlWriter, atomic_write_json, environment, speedup_model
 from .models import build_model, cut_points
-from .paraug import ShiftAugment
+from .paraug import FlipViews, ShiftAugment
 from .monitors import cosine, estimate_kappa, frozen_bn_stats, param_norm
 from .staging import StagedModel, as_block_sequence, parse_cuts, split_model
 from .transport import LocalHub
@@ -102,7 +102,8 @@ class HybridTrainer:
         self.total_steps = self.total_epochs * self.steps_per_epoch
         self.aug = _augment_kind(cfg.augment, ds)
         has_par = any(p == "parallel" for p, _ in cfg.phases())
-        self.shift_aug = self._shift_augment() if cfg.parallel_augment == "shift" and has_par else None
+        self.shift_aug = self._shift_augment() if cfg.parallel_augment != "none" and has_par else None
+        self.flip_views = self._flip_views() if cfg.parallel_augment == "shift_flip" and has_par else None
         self.train_loader = BatchLoader(ds.x_train, ds.y_train, cfg.batch_size, ds.mean, ds.std,
                                         shuffle=True, augment=self.aug, seed=cfg.seed, device=self.device,
                                         channels_last=cfg.channels_last)
@@ -277,6 +278,8 @@ class HybridTrainer:
 
     def _make_stores(self) -> dict[str, list[Any]]:
         cfg, n = self.cfg, self.data.num_train
+        if self.flip_views is not None:      # a row per sample and view (paraug.FlipViews)
+            n = self.flip_views.rows
         k = len(self.stages)
         coarse = [self.filt.coarse_shape(s) for s in self.cut_shapes]
         dev = self.device
@@ -291,8 +294,9 @@ class HybridTrainer:
             "mult": [store(coarse[i]) if cfg.method == "al" and own(i) else None for i in range(k - 1)] + [None],
         }
         total = sum(s.memory_bytes() for lst in stores.values() for s in lst if s is not None)
+        views = " (both mirror views)" if self.flip_views is not None else ""
         self.log(f"auxiliary stores: {total / 2**20:.1f} MiB in {cfg.aux_dtype} "
-                 f"(cuts {[tuple(c) for c in coarse]} coarse, s={cfg.ds}, {n} samples)")
+                 f"(cuts {[tuple(c) for c in coarse]} coarse, s={cfg.ds}, {n} rows{views})")
         self.aux_bytes = total
         return stores
 
@@ -301,28 +305,52 @@ class HybridTrainer:
         ds, cfg = self.data, self.cfg
         max_shift = {"crop_flip": _CIFAR_PAD, "shift": _MNIST_SHIFT}.get(self.aug or "", 0)
         if max_shift == 0:
-            raise ConfigError("--parallel-augment shift takes its largest shift from the serial "
+            raise ConfigError(f"--parallel-augment {cfg.parallel_augment} takes its largest shift from the serial "
                               "augmentation (4 px for crop_flip, 2 px for shift), but --augment is none")
         hw = tuple(ds.x_train.shape[-2:])
         coarse = [tuple(self.filt.coarse_shape(s)[-2:]) for s in self.cut_shapes]
         try:
             unit = ShiftAugment.unit_for(hw, coarse)
         except ValueError as e:
-            raise ConfigError(f"--parallel-augment shift: {e}") from None
+            raise ConfigError(f"--parallel-augment {cfg.parallel_augment}: {e}") from None
         if unit > max_shift:
             raise ConfigError(
-                f"--parallel-augment shift: the cuts' coarse grids ({coarse} for a {hw[0]}x{hw[1]} input, "
+                f"--parallel-augment {cfg.parallel_augment}: the cuts' coarse grids ({coarse} for a {hw[0]}x{hw[1]} input, "
                 f"--ds {cfg.ds}) move only in steps of {unit} px, more than the {max_shift} px the "
                 "augmentation allows; cut earlier or use a smaller --ds")
         _, fill = _affine(ds.mean, ds.std, ds.in_channels, self.device)
         return ShiftAugment(max_shift, unit, hw, cfg.seed, fill=fill)
 
+    def _flip_views(self) -> FlipViews:
+        """Mirror views with auxiliary rows of their own (paraug.py), or a ConfigError."""
+        if self.aug != "crop_flip":
+            raise ConfigError("--parallel-augment shift_flip mirrors images like the serial crop_flip "
+                              f"augmentation, but --augment is {self.aug or 'none'} for {self.data.name} "
+                              "(mirrored digits are other digits); use --parallel-augment shift")
+        return FlipViews(self.data.num_train, self.cfg.seed)
+
+    def _parallel_batches(self, epoch: int) -> list[torch.Tensor]:
+        """The parallel epoch's batches as store rows: sample indices, or view indices (shift_flip)."""
+        batches = self.plain_loader.batches(epoch)
+        if self.flip_views is None:
+            return batches
+        return [self.flip_views.views(b, epoch) for b in batches]
+
+    def _parallel_labels(self) -> torch.Tensor:
+        """Labels indexed by store row."""
+        y = self.data.y_train
+        return y if self.flip_views is None else torch.cat([y, y])
+
     def _input_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        """idx -> normalised, un-augmented training images on the device (stage 0's input)."""
-        loader = self.plain_loader
+        """rows -> normalised, un-augmented training images on the device (stage 0's input);
+        with mirror views (shift_flip) rows N..2N-1 are the mirror images."""
+        loader, fv = self.plain_loader, self.flip_views
 
         def fn(idx: torch.Tensor) -> torch.Tensor:
-            return loader.load(idx)[1]
+            if fv is None:
+                return loader.load(idx)[1]
+            samples, mirrored = fv.samples(idx)
+            return fv.mirror(loader.load(samples)[1], mirrored)
 
         return fn
 
@@ -330,7 +358,7 @@ class HybridTrainer:
         hub = LocalHub(len(self.stages))
         st = self.stores
         return [StageWorker(k, len(self.stages), self.stages[k], self.optimizers[k], hub.endpoint(k),
-                            settings[k], self.filt, self.data.x_train, self.data.y_train,
+                            settings[k], self.filt, self.data.x_train, self._parallel_labels(),
                             self._input_fn() if k == 0 else None, st["input"][k], st["target"][k],
                             st["mult"][k], self.device)
                 for k in range(len(self.stages))]
@@ -355,7 +383,7 @@ class HybridTrainer:
             self._resumed_aux = None
             return
         self.stores = self._make_stores()
-        batches = self.plain_loader.batches(epoch)
+        batches = self._parallel_batches(epoch)
         lr_now = self.lr_at(epoch * self.steps_per_epoch)
         # κ_k on the first batch, on true activations of the current network
         kappas, betas, caps = [], [], []
@@ -396,6 +424,9 @@ class HybridTrainer:
             f"stage {k}: kappa={kap:.4g} beta={b:.4g} lr*beta*kappa={lr_now * b * kap:.3g}"
             for k, (kap, b) in enumerate(zip(kappas[:-1], betas[:-1]))))
         # initial fill, pipelined stage by stage in the first parallel epoch's batch order
+        # (with mirror views, then the same batches' other views)
+        if self.flip_views is not None:
+            batches = batches + [self.flip_views.other(b) for b in batches]
         workers = self._workers(self._settings())
         bar = _bar(len(batches), f"epoch {epoch + 1}/{self.total_epochs} init λ", cfg.progress)
         with frozen_bn_stats(self.model):
@@ -411,7 +442,7 @@ class HybridTrainer:
 
     def _parallel_epoch(self, epoch: int) -> dict[str, Any]:
         cfg = self.cfg
-        batches = self.plain_loader.batches(epoch)
+        batches = self._parallel_batches(epoch)
         workers = self._workers(self._settings())
         step0 = epoch * self.steps_per_epoch
         for w in workers:
