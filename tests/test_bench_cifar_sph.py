@@ -38,6 +38,9 @@ def test_tail_changes_sph_and_tail_only_runs_and_their_names():
     assert schedule_of(cifar_sph.run_command("tail-only", a, "o")) == "serial:1,idle:11,serial:6"
     assert cifar_sph.run_key("al-s2-shift", a) == "al-s2-shift-tail6"
     assert cifar_sph.run_key("tail-only", a) == "tail-only-tail6"
+    flip = cifar_sph.run_command("al-s2-shiftflip", a, "o")
+    assert flip[flip.index("--parallel-augment") + 1] == "shift_flip" and schedule_of(flip) == "serial:1,parallel:11,serial:6"
+    assert cifar_sph.run_key("al-s2-shiftflip", a) == "al-s2-shiftflip-tail6"
     # serial runs and the cycles have no tail to change: same command, same name
     for name in ("serial", "ddp", "al-s2-cycles-shift"):
         assert cifar_sph.run_key(name, a) == name

@@ -61,7 +61,7 @@ def test_one_stage_engine_is_back_propagation():
 
 def _run_epoch(tr, epoch, order):
     """Run one parallel epoch with stage steps executed in an order chosen by ``order``."""
-    batches = tr.plain_loader.batches(epoch)
+    batches = tr._parallel_batches(epoch)
     workers = tr._workers(tr._settings())
     for w in workers:
         w.begin_epoch(epoch, batches, tr.lr_at)
@@ -182,8 +182,10 @@ def test_low_precision_stores_run(dtype):
     assert all(torch.isfinite(p).all() for p in params(tr.model))
 
 
-def test_resume_inside_a_parallel_phase(tmp_path):
-    full = trainer(tmp_path / "full", schedule="serial:1,parallel:3,serial:1")
+@pytest.mark.parametrize("extra", [{}, dict(augment="crop_flip", parallel_augment="shift_flip")],
+                         ids=["plain", "shift_flip"])
+def test_resume_inside_a_parallel_phase(tmp_path, extra):
+    full = trainer(tmp_path / "full", schedule="serial:1,parallel:3,serial:1", **extra)
     full.run()
 
     class Kill(Exception):
@@ -193,7 +195,7 @@ def test_resume_inside_a_parallel_phase(tmp_path):
         if msg.startswith("epoch   3/"):
             raise Kill
 
-    cut = trainer(tmp_path / "cut", schedule="serial:1,parallel:3,serial:1")
+    cut = trainer(tmp_path / "cut", schedule="serial:1,parallel:3,serial:1", **extra)
     cut.log = killer
     with pytest.raises(Kill):
         cut.run()

@@ -1,9 +1,10 @@
-"""Shift views of the parallel phase (layerpar_fast/paraug.py, --parallel-augment shift)."""
+"""Shift and mirror views of the parallel phase (layerpar_fast/paraug.py, --parallel-augment shift | shift_flip)."""
 import pytest
 import torch
 
 from layerpar_fast.config import ConfigError
-from layerpar_fast.paraug import ShiftAugment, translate, visible
+from layerpar_fast.paraug import FlipViews, ShiftAugment, translate, visible
+from layerpar_fast.monitors import frozen_bn_stats
 
 from test_engine import _run_epoch, assert_all_same, assert_same, interleaving_results, params, trainer
 
@@ -155,3 +156,93 @@ def test_shift_views_with_channels_last():
     cl.run()
     for a, b in zip(params(ref.model), params(cl.model)):
         assert torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- mirror views
+
+
+def test_flip_views_alternate_and_cover_both_views():
+    fv = FlipViews(1000, seed=5)
+    idx = torch.randperm(1000)
+    v0, v1 = fv.views(idx, 0), fv.views(idx, 1)
+    s0, m0 = fv.samples(v0)
+    assert torch.equal(s0, idx) and torch.equal(fv.samples(v1)[0], idx)
+    assert torch.equal(v1, fv.other(v0)) and torch.equal(fv.views(idx, 2), v0)   # every other epoch
+    assert 400 < int(m0.sum()) < 600                                              # about half mirrored
+    assert torch.equal(FlipViews(1000, seed=5).views(idx, 3), fv.views(idx, 3))    # same on every stage
+    assert not torch.equal(FlipViews(1000, seed=6).views(idx, 0), v0)
+    assert fv.rows == 2000 and torch.equal(fv.other(fv.other(v0)), v0)
+    with pytest.raises(IndexError, match="out of range"):
+        fv.samples(torch.tensor([2000]))
+
+
+def test_mirror_flips_only_the_marked_rows():
+    x = torch.arange(2 * 3 * 2 * 4, dtype=torch.float32).reshape(2, 3, 2, 4)
+    out = FlipViews.mirror(x, torch.tensor([False, True]))
+    assert torch.equal(out[0], x[0]) and torch.equal(out[1], x[1, :, :, [3, 2, 1, 0]])
+    cl = x.contiguous(memory_format=torch.channels_last)
+    assert FlipViews.mirror(cl, torch.tensor([True, True])).is_contiguous(memory_format=torch.channels_last)
+
+
+def _flip_trainer(**kw):
+    return _shift_trainer(parallel_augment="shift_flip", **kw)
+
+
+def test_initial_fill_covers_both_views_of_every_sample():
+    """Rows N + i hold D(F_1(mirror image of i)), filled batch by batch like the canonical rows."""
+    tr = _flip_trainer(cuts=(2,))
+    n = tr.data.num_train
+    tr._enter_parallel(0, 0)
+    target = tr.stores["target"][0]
+    assert target.table.shape[0] == 2 * n and tr.stores["input"][1].table.shape[0] == 2 * n
+    batches = tr._parallel_batches(0)
+    fn = tr._input_fn()
+    stage = tr.stages[0]
+    with torch.no_grad(), frozen_bn_stats(stage):
+        stage.train()
+        for b in batches + [tr.flip_views.other(b) for b in batches]:
+            assert torch.allclose(target.gather(b), tr.filt.down(stage(fn(b))), atol=1e-6)
+    x = tr.plain_loader.load(torch.arange(3))[1]
+    assert torch.equal(fn(torch.arange(3) + n), x.flip(-1))
+    assert torch.equal(tr.stores["target"][0].table, tr.stores["input"][1].table)
+
+
+def test_canonical_views_only_is_the_shift_run(monkeypatch):
+    """With every sample on its canonical view, shift_flip trains exactly like shift (the extra
+    fill of the mirror rows touches neither parameters nor BatchNorm statistics)."""
+    ref = _shift_trainer()
+    ref.run()
+    monkeypatch.setattr(FlipViews, "views", lambda self, idx, epoch: idx.to(torch.long))
+    fl = _flip_trainer()
+    fl.run()
+    assert_same(params(ref.model), params(fl.model))
+
+
+def test_mirror_views_are_trained_on_and_change_the_training(monkeypatch):
+    monkeypatch.setattr(ShiftAugment, "shifts", lambda self, e, t, n: torch.zeros(n, 2, dtype=torch.long))
+    tr = _flip_trainer(cuts=(2,))
+    tr._enter_parallel(0, 0)
+    for e in range(2):
+        _run_epoch(tr, e, sorted)
+    mult = tr.stores["mult"][0].table            # μ = g on every visited row, 0 on unvisited ones
+    assert bool((mult.flatten(1).abs().sum(1) > 0).all())   # two epochs visit both views of all
+    plain = _shift_trainer()
+    plain.run()
+    fl = _flip_trainer()
+    fl.run()
+    assert any(not torch.equal(a, b) for a, b in zip(params(plain.model), params(fl.model)))
+
+
+def test_flip_parallel_phase_is_deterministic_under_any_interleaving():
+    def mirrored(tr):
+        for k in range(len(tr.stages) - 1):
+            assert torch.equal(tr.stores["target"][k].table, tr.stores["input"][k + 1].table)
+
+    assert_all_same(interleaving_results(lambda: _flip_trainer(window=1), seed=3, check=mirrored))
+
+
+def test_mirror_views_need_a_flipping_augmentation():
+    with pytest.raises(ConfigError, match="mirrored digits"):
+        trainer(augment="shift", parallel_augment="shift_flip", cuts=(2,), ds=1)
+    with pytest.raises(ConfigError, match="--parallel-augment shift_flip .*--augment is none"):
+        trainer(augment="none", parallel_augment="shift_flip")
