@@ -15,6 +15,8 @@ worker processes (gloo, 1 thread each) and their wall time is real parallel time
                   serial:1,(parallel:a,serial:1)x3,serial:R
     al-s{2,4}-shift, al-s2-cycles-shift   the same with --parallel-augment shift: the parallel
                   phase trains on shifted views, the auxiliary variables shifted with them
+    al-s2-shiftflip  --parallel-augment shift_flip: shifted views and mirror images, each
+                  mirror image with auxiliary variables of its own (twice the store memory)
 
 SPH runs use the default schedule for E epochs: serial:1,parallel:E-1-S,serial:S with S = E/4
 (--tail S sets another serial tail for them and for tail-only; such runs are named NAME-tailS).
@@ -60,6 +62,8 @@ RUNS: dict[str, list[str]] = {
                     "--parallel-augment", "shift"],
     "al-s2-cycles-shift": ["--method", "al", "--stages", "2", "--ds", "2", "--threads", "1",
                            "--parallel-augment", "shift"],  # schedule below
+    "al-s2-shiftflip": ["--method", "al", "--stages", "2", "--ds", "2", "--threads", "1",
+                        "--parallel-augment", "shift_flip"],
 }
 
 
