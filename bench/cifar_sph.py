@@ -21,6 +21,7 @@ worker processes (gloo, 1 thread each) and their wall time is real parallel time
 SPH runs use the default schedule for E epochs: serial:1,parallel:E-1-S,serial:S with S = E/4
 (--tail S sets another serial tail for them and for tail-only; such runs are named NAME-tailS).
 --seed N (N != 0) names the runs NAME-seedN; "vs serial" compares them with serial-seedN.
+--set KEY=VALUE passes an option to every selected run and names them NAME-KEYVALUE.
 Every epoch is evaluated on the first --test-subset test images (the curves and wall time);
 afterwards the final model is evaluated on the whole test set (`layerpar eval`), outside the
 wall time.
@@ -102,12 +103,16 @@ def run_command(name: str, args: argparse.Namespace, out: str) -> list[str]:
 
 
 def run_key(name: str, args: argparse.Namespace) -> str:
-    """The run's name in OUT: the run name, plus -tail{S} when --tail changed its schedule and
-    -seed{N} for seeds other than 0, so variants sit beside the defaults in one table."""
+    """The run's name in OUT: the run name, plus -tail{S} when --tail changed its schedule,
+    -KEYVALUE for each --set KEY=VALUE and -seed{N} for seeds other than 0, so variants sit beside
+    the defaults in one table."""
     key = name
     if args.tail is not None and (name == "tail-only" or (RUNS[name][RUNS[name].index("--method") + 1] != "serial"
                                                           and not name.startswith("al-s2-cycles"))):
         key += f"-tail{args.tail}"
+    for kv in args.set:
+        k, _, v = kv.partition("=")
+        key += "-" + "".join(c if c.isalnum() or c in "._" else "_" for c in k + v)
     if args.seed != 0:
         key += f"-seed{args.seed}"
     return key

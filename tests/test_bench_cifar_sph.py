@@ -68,3 +68,11 @@ def test_a_tail_that_leaves_no_parallel_epoch_is_refused(tail, monkeypatch, caps
     with pytest.raises(SystemExit):
         cifar_sph.main()
     assert "--tail" in capsys.readouterr().err
+
+
+def test_set_options_reach_the_command_and_the_name():
+    a = args(set=["beta_c=1.0"], seed=2)
+    assert cifar_sph.run_key("al-s2-shift", a) == "al-s2-shift-beta_c1.0-seed2"
+    cmd = cifar_sph.run_command("al-s2-shift", a, "o")
+    assert cmd[cmd.index("--beta-c") + 1] == "1.0"
+    assert cifar_sph.run_key("al-s2", args(set=["aux_dtype=bf16", "window=4"])) == "al-s2-aux_dtypebf16-window4"
