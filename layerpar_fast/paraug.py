@@ -33,8 +33,6 @@ import torch.nn.functional as F
 
 from .data import _derive_seed
 
-PARALLEL_AUGMENTS = ("none", "shift", "shift_flip")
-
 _SEED_TAG = 7  # keeps these draws unrelated to the loader's (seed, epoch, 1, step) generator
 _FLIP_TAG = 8
 
