@@ -25,6 +25,7 @@ SERIAL_ON = ("all", "one")
 BALANCE = ("time", "flops")
 PHASES = ("serial", "parallel", "idle")
 PARALLEL_AUGMENTS = ("none", "shift", "shift_flip")
+MULT_INITS = ("zero", "grad")
 
 
 @dataclass
@@ -66,6 +67,7 @@ class Config:
     beta_c: float = 0.6
     gamma: float = 0.5
     al_order: str = "gs"
+    mult_init: str = "zero"
     window: int = 2
     parallel_augment: str = "none"
     aux_dtype: str = "fp32"
@@ -121,6 +123,7 @@ class Config:
         need(self.serial_on in SERIAL_ON, f"--serial-on {self.serial_on!r} is not one of {', '.join(SERIAL_ON)}")
         need(self.parallel_augment in PARALLEL_AUGMENTS,
              f"--parallel-augment {self.parallel_augment!r} is not one of {', '.join(PARALLEL_AUGMENTS)}")
+        need(self.mult_init in MULT_INITS, f"--mult-init {self.mult_init!r} is not one of {', '.join(MULT_INITS)}")
         need(self.balance in BALANCE, f"--balance {self.balance!r} is not one of {', '.join(BALANCE)}")
         need(self.cifar100_labels in ("fine", "coarse"),
              f"--cifar100-labels {self.cifar100_labels!r} is not one of fine, coarse")

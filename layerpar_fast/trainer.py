@@ -439,6 +439,23 @@ class HybridTrainer:
             for w in workers:
                 w.end_init()
         _bar_close(bar)
+        if cfg.mult_init == "grad":
+            self._warm_multipliers(workers, epoch, batches)
+
+    def _warm_multipliers(self, workers: list[StageWorker], epoch: int, batches: list[torch.Tensor]) -> None:
+        """One λ/u visit with the true back-propagated signal before the first parallel epoch
+        (StageWorker.grad_init_step); the stages run top-down per batch."""
+        bar = _bar(len(batches), f"epoch {epoch + 1}/{self.total_epochs} init μ", self.cfg.progress)
+        with frozen_bn_stats(self.model):
+            for w in workers:
+                w.begin_epoch(epoch, batches, self.lr_at, init="grad")
+            for t in range(len(batches)):
+                for w in reversed(workers):
+                    w.grad_init_step(t)
+                _bar_step(bar)
+            for w in workers:
+                w.end_grad_init()
+        _bar_close(bar)
 
     def _parallel_epoch(self, epoch: int) -> dict[str, Any]:
         cfg = self.cfg

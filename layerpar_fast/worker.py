@@ -111,13 +111,20 @@ class StageWorker:
         self._recv_upto = {"in": -1, "g": -1}  # highest step received per incoming tag
         self._shifts: dict[int, torch.Tensor] = {}  # step -> (B, 2) pixel shifts of its view
         self.stats = EpochStats()
+        self.mode = "train"
 
     # ---------------------------------------------------------------------------------------
     def begin_epoch(self, epoch: int, batches: list[torch.Tensor], lr: Callable[[int], float],
-                    init: bool = False) -> None:
+                    init: bool | str = False) -> None:
         """Start epoch ``epoch`` over ``batches`` (index tensors); ``lr(step)`` is the scheduled lr.
-        ``init=True`` starts the initial fill pass instead (only "in" messages flow)."""
+        ``init=True`` (or ``"fill"``) starts the initial fill pass instead (only "in" messages
+        flow); ``init="grad"`` the multiplier warm start (:meth:`grad_init_step`: "g" messages,
+        and for the Jacobi form the updated λ̃ as "in" messages)."""
+        mode = "fill" if init is True else (init or "train")
+        if mode not in ("train", "fill", "grad"):
+            raise ValueError(f"begin_epoch: unknown pass {init!r}")
         self.epoch, self.batches, self.lr = epoch, batches, lr
+        self.mode = mode
         self.done = -1
         self._deferred.clear()
         self._pending_a.clear()
@@ -125,13 +132,13 @@ class StageWorker:
         self._recv_upto = {"in": -1, "g": -1}
         self.stats = EpochStats()
         self.module.train()
-        self._announce(init)
+        self._announce(mode)
 
-    def _announce(self, init: bool) -> None:
-        if not self.first:
+    def _announce(self, mode: str) -> None:
+        if not self.first and (mode != "grad" or self.form == "jacobi"):
             shp, dt = self.input_store.row_shape, self.input_store.dtype
             self.tp.expect(self.rank - 1, "in", [(t, (len(b), *shp), dt) for t, b in enumerate(self.batches)])
-        if not self.last and not init:
+        if not self.last and mode != "fill":
             g_dtype = torch.float32
             shp = self.target_store.row_shape
             self.tp.expect(self.rank + 1, "g", [(t, (len(b), *shp), g_dtype) for t, b in enumerate(self.batches)])
@@ -255,6 +262,56 @@ class StageWorker:
         self.tp.flush()
 
     # ---------------------------------------------------------------------------------------
+    def grad_init_step(self, t: int) -> None:
+        """Multiplier warm start (after the fill, before the first parallel epoch): the λ/u visit
+        that the first parallel epoch would make, done at once with the true back-propagated
+        signal of the current network. Stage K computes the gradient of its cross-entropy with
+        respect to its input; every stage k < K waits for g_k of batch t from stage k+1, back-
+        propagates it through itself (the gradient of ⟨a_k, g_k⟩/|B|, i.e. the chain rule through
+        the network with U∘D at every cut) and sends g_{k-1} on; then it applies g_k to its own
+        stores exactly as a parallel epoch does (Gauss-Seidel: μ_k ← g_k; Jacobi/penalty: the
+        λ-step and multiplier step at λ̃ = a, the new λ̃ sent to stage k+1). No parameter
+        changes. Without it, μ = 0 at the first visit, so stage k < K gets no signal until the
+        one above has trained for an epoch: stage 1 starts learning only in parallel epoch K.
+        Train-mode BatchNorm (batch statistics, running statistics restored by the caller), the
+        canonical views, the same batches as the fill: deterministic whatever the timing."""
+        if t != self.done + 1:
+            raise RuntimeError(f"stage {self.rank}: warm-start step {t} out of order (last was {self.done})")
+        idx = self.batches[t]
+        g_t = None
+        if not self.last:
+            self._wait("g", self.rank + 1, t)
+            g_t = next(m for tag, step, m in self._deferred if tag == "g" and step == t)
+        if not self.first:
+            z = self.input_store.stage_input(idx, self.filt, self.cfg.channels_last).requires_grad_(True)
+            o = self.module(z)
+            if self.last:
+                y = self.y_train[idx].to(self.device, non_blocking=True)
+                loss = F.cross_entropy(o, y, label_smoothing=self.cfg.label_smoothing)
+            else:
+                target = self.target_store.gather(idx)
+                loss, _ = ops.local_loss(o, target, g_t.to(target.dtype), self.cfg.beta, "gs", self.filt)
+            (grad_z,) = torch.autograd.grad(loss, z)
+            self.tp.send(self.rank - 1, "g", t, ops.coarse_input_grad(grad_z, self.filt))
+        if not self.last and self.form == "jacobi":
+            self._pending_a[t] = self.target_store.gather(idx).float()   # a = λ̃ right after the fill
+        self.done = t
+        self._drain_ready()
+
+    def end_grad_init(self) -> None:
+        """Drain the warm start's messages (like :meth:`end_epoch`)."""
+        last = len(self.batches) - 1
+        if not self.last:
+            self._wait("g", self.rank + 1, last)
+        if not self.first and self.form == "jacobi":
+            self._wait("in", self.rank - 1, last)
+        self._drain_ready()
+        if self._deferred or self._pending_a:
+            raise TransportError(f"stage {self.rank}: {len(self._deferred)} messages and "
+                                 f"{len(self._pending_a)} pending a_k left after the warm-start drain")
+        self.tp.flush()
+
+    # ---------------------------------------------------------------------------------------
     def _wait(self, tag: str, src: int, step: int) -> None:
         if self._recv_upto[tag] >= step:
             return
@@ -290,7 +347,7 @@ class StageWorker:
             return
         # tag == "g": the back-propagated signal for this worker's cut
         vis = None
-        if self.cfg.augment is not None:   # rows outside that step's view keep their values
+        if self.cfg.augment is not None and self.mode == "train":   # rows outside that step's view keep their values
             vis = self.cfg.augment.visible(self._shifts[step], self.target_store.row_shape[-2:], tensor.device)
         if self.form == "gs":
             if vis is not None:

@@ -175,6 +175,8 @@ CASES_2 = [
     dict(method="al", al_order="gs", ds=2, parallel_augment="shift", delay_rank=0, delay_s=0.02),
     dict(method="al", al_order="jacobi", ds=2, parallel_augment="shift", delay_rank=1, delay_s=0.02),
     dict(method="al", al_order="gs", ds=2, parallel_augment="shift_flip", delay_rank=0, delay_s=0.02),
+    dict(method="al", al_order="gs", ds=2, mult_init="grad", delay_rank=1, delay_s=0.02),
+    dict(method="al", al_order="jacobi", ds=2, mult_init="grad", parallel_augment="shift", delay_rank=0, delay_s=0.02),
 ]
 CASES_3 = [
     dict(method="al", al_order="gs", ds=2),
@@ -183,6 +185,8 @@ CASES_3 = [
     dict(method="penalty", ds=2, schedule="parallel:1", bn_recalib_batches=4),  # recalibration shares 2/1/1
     dict(method="al", al_order="gs", ds=2, parallel_augment="shift", delay_rank=1, delay_s=0.02),
     dict(method="penalty", ds=2, parallel_augment="shift_flip", delay_rank=2, delay_s=0.02),
+    dict(method="al", al_order="gs", ds=2, mult_init="grad", delay_rank=2, delay_s=0.02),
+    dict(method="penalty", ds=2, mult_init="grad", delay_rank=0, delay_s=0.02),
 ]
 
 

@@ -243,3 +243,69 @@ def test_tail_only_control_skips_epochs_but_keeps_the_schedule():
     assert [r["phase"] for r in tr.records] == ["idle", "idle", "serial"]
     assert tr.records[0]["test_acc"] == tr.records[1]["test_acc"]
     assert tr.records[2]["lr"] < tr.records[0]["lr"]
+
+
+# ------------------------------------------------------------------------------ warm multipliers
+def test_warm_multipliers_are_the_back_propagated_signal():
+    """--mult-init grad: after the fill, μ_k = |B|·∂CE/∂λ̃_k through the network with U∘D at every
+    cut, in train mode on each batch (the signal the first parallel epoch would otherwise lack),
+    λ̃ unchanged, no parameter or BatchNorm statistic touched."""
+    tr = trainer(method="al", al_order="gs", ds=2, mult_init="grad")
+    before = params(tr.model)
+    tr._enter_parallel(0, 0)
+    assert_same(before, params(tr.model))
+    from layerpar_fast.monitors import frozen_bn_stats
+    import torch.nn.functional as F
+    for idx in tr.plain_loader.batches(0)[:2]:
+        z = tr._input_fn()(idx)
+        lams = []
+        with frozen_bn_stats(tr.model):
+            tr.model.train()
+            for k, stage in enumerate(tr.stages):
+                o = stage(z)
+                if k == len(tr.stages) - 1:
+                    loss = F.cross_entropy(o, tr.data.y_train[idx])
+                    break
+                lam = tr.filt.down(o)
+                lams.append(lam)
+                z = tr.filt.up(lam)
+            grads = torch.autograd.grad(loss, lams)
+        for k, g in enumerate(grads):
+            torch.testing.assert_close(tr.stores["target"][k].gather(idx), lams[k].detach())
+            torch.testing.assert_close(tr.stores["mult"][k].gather(idx), len(idx) * g, rtol=1e-4, atol=1e-7)
+            assert float(g.abs().sum()) > 0
+
+
+def test_warm_multipliers_jacobi_form_takes_one_lambda_step():
+    """Jacobi/penalty: the warm start is the λ-step (and multiplier step) of the first visit at
+    λ̃ = a: λ̃ ← a − γ·(d/β)·g, u ← u + (a − λ̃); the next stage's input store follows."""
+    cold = trainer(method="al", al_order="jacobi", ds=2, mult_init="zero")
+    cold._enter_parallel(0, 0)
+    warm = trainer(method="al", al_order="jacobi", ds=2, mult_init="grad")
+    warm._enter_parallel(0, 0)
+    for k in range(len(warm.stages) - 1):
+        a = cold.stores["target"][k].table
+        lam, u = warm.stores["target"][k].table, warm.stores["mult"][k].table
+        assert not torch.equal(lam, a)
+        torch.testing.assert_close(u, a - lam)                      # u = 0 + (a − λ̃⁺)
+        torch.testing.assert_close(warm.stores["input"][k + 1].table, lam)
+
+
+@pytest.mark.parametrize("method, order", [("al", "gs"), ("al", "jacobi"), ("penalty", "jacobi")])
+def test_message_timing_does_not_change_the_result_with_warm_multipliers(method, order):
+    assert_all_same(interleaving_results(lambda: trainer(method=method, al_order=order, mult_init="grad")))
+
+
+def test_warm_multipliers_change_the_first_parallel_epoch_of_every_stage():
+    """With μ = 0 and λ̃ = a, stages k < K have no loss gradient in the first parallel epoch
+    (they move by weight decay only); with the warm start every stage trains from the start."""
+    moved = {}
+    for init in ("zero", "grad"):
+        tr = trainer(method="al", al_order="gs", ds=2, mult_init=init, weight_decay=0.0, momentum=0.0)
+        start = [[p.detach().clone() for p in s.parameters()] for s in tr.stages]
+        tr._enter_parallel(0, 0)
+        tr._parallel_epoch(0)
+        moved[init] = [max(float((a - b).abs().max()) for a, b in zip(start[k], s.parameters()))
+                       for k, s in enumerate(tr.stages)]
+    assert moved["zero"][0] < 1e-6 and moved["zero"][-1] > 1e-4
+    assert all(m > 1e-4 for m in moved["grad"])

@@ -1,0 +1,324 @@
+"""The accuracy matrix (issue 16): SPH-AL against serial back-propagation at the same budget,
+over data sets, training-set sizes, augmentation, epoch budgets and K.
+
+Every cell is one (dataset, training-set size, augmentation, epochs) setting. For each cell and
+seed it trains the serial baseline once (``layerpar train --method serial --epochs E``) and SPH
+with the **defaults of ``layerpar train``** at K = 2 and K = 4 (``--method al --stages K
+--epochs E``; whatever the defaults are when the matrix runs, plus the options of a
+``--variant``), all through the real command line, one process each (``--transport local``:
+the K stages stepped one after another; accuracy does not depend on the transport).
+The final model of every run is evaluated on the whole test set.
+
+    python bench/accuracy_matrix.py run --cells quick --ks 2,4 --seeds 0           # the cheap cells
+    python bench/accuracy_matrix.py run --cells all --ks 2,4 --seeds 0,1
+    python bench/accuracy_matrix.py run --cells mnist-10k-e4 --variant zero-mult   # a named variant
+    python bench/accuracy_matrix.py report --variants default,zero-mult            # table + plot only
+
+Runs are resumable: a finished run is collected and skipped, an interrupted one continues from
+its checkpoint (``layerpar train --resume``). Results accumulate in OUT/results.json (one entry
+per run); ``report`` (also run after every finished run) writes the matrix of the chosen
+variants: bench/results/accuracy_matrix.{json,md,png} by default.
+
+Wall times come from this 2-core machine and include the per-epoch evaluation on --test-subset
+images; they are disturbed when other work shares the cores (said so in the report).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+from layerpar_fast.metrics import atomic_write_json, environment  # noqa: E402
+
+# name -> the cell's data, model and budget (the options both arms share)
+CELLS: dict[str, dict[str, Any]] = {}
+
+
+def _cell(name: str, dataset: str, size: str, augment: str, epochs: int) -> None:
+    mnist = dataset == "mnist"
+    CELLS[name] = {
+        "dataset": dataset, "train_size": size, "epochs": epochs,
+        "augment": augment,            # as --augment: none, or the data set's own (shift / crop_flip)
+        "model": "mnist_resnet" if mnist else "resnet20",
+        "lr": 0.05 if mnist else 0.1,
+        "subset": 10000 if size == "10k" else None,
+    }
+
+
+for _size in ("10k", "full"):
+    for _aug in ("none", "shift"):
+        for _e in (4, 12):
+            _cell(f"mnist-{_size}-{'aug' if _aug != 'none' else 'noaug'}-e{_e}", "mnist", _size, _aug, _e)
+    for _aug in ("none", "crop_flip"):
+        for _e in (10, 18):
+            _cell(f"cifar10-{_size}-{'aug' if _aug != 'none' else 'noaug'}-e{_e}", "cifar10", _size, _aug, _e)
+
+# groups of cells, cheapest first: "quick" exposes the gaps (short budgets, no augmentation,
+# small training sets) in minutes per run
+GROUPS = {
+    "quick": ["mnist-10k-noaug-e4", "cifar10-10k-noaug-e10", "mnist-10k-noaug-e12", "cifar10-10k-aug-e10"],
+    "mnist": [c for c in CELLS if c.startswith("mnist")],
+    "cifar10": [c for c in CELLS if c.startswith("cifar10")],
+    "all": list(CELLS),
+}
+
+# SPH variants: extra `layerpar train` options on top of the defaults (the arm "default" adds none)
+VARIANTS: dict[str, list[str]] = {
+    "default": [],
+    "before": [],      # the defaults before issue 16, run from a checkout of commit 19e88e7
+    "zero-mult": ["--mult-init", "zero"],       # the multipliers start at 0 (the behaviour before issue 16)
+    "grad-mult": ["--mult-init", "grad"],
+}
+
+
+def run_dir(out: str, cell: str, arm: str, k: int | None, seed: int) -> str:
+    name = arm if k is None else f"{arm}-K{k}"
+    return os.path.join(out, cell, f"{name}-seed{seed}")
+
+
+def train_command(cell: str, arm: str, k: int | None, seed: int, args: argparse.Namespace, out: str) -> list[str]:
+    c = CELLS[cell]
+    cmd = [sys.executable, "-m", "layerpar_fast", "train", "--dataset", c["dataset"], "--data-dir", args.data_dir,
+           "--model", c["model"], "--lr", str(c["lr"]), "--batch-size", "128", "--epochs", str(c["epochs"]),
+           "--augment", c["augment"], "--seed", str(seed), "--test-subset", str(args.test_subset),
+           "--transport", "local", "--no-progress", "--out", out]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    if c["subset"]:
+        cmd += ["--subset", str(c["subset"])]
+    if k is None:
+        cmd += ["--method", "serial"]
+    else:
+        cmd += ["--method", "al", "--stages", str(k), *VARIANTS[arm]]
+    return cmd
+
+
+def finished(d: str) -> bool:
+    return all(os.path.isfile(os.path.join(d, f)) for f in ("summary.json", "final_model.pt"))
+
+
+def collect(d: str, cmd: list[str]) -> dict[str, Any]:
+    from layerpar_fast.trainer import evaluate_run
+    full = evaluate_run(d, test_subset=None)
+    with open(os.path.join(d, "summary.json")) as f:
+        summary = json.load(f)
+    recs = [json.loads(x) for x in open(os.path.join(d, "metrics.jsonl"))]
+    par = [r for r in recs if r["phase"] == "parallel"]
+    phases = [r["phase"] for r in recs]
+    return {
+        "command": "layerpar train " + " ".join(cmd[4:]),
+        "schedule": summary["config"].get("schedule") or _schedule(summary["config"]),
+        "test_acc": 100 * full["test_acc"], "num_test": full["num_test"],
+        "wall_s": summary["wall_time_s"],
+        "parallel_share": phases.count("parallel") / max(1, len(phases)),
+        "per_epoch": [{"epoch": r["epoch"], "phase": r["phase"], "test_acc": r.get("test_acc"),
+                       "train_acc": r.get("train_acc"), "ds_test_acc": r.get("ds_test_acc"),
+                       "probe_cosine": r.get("probe_cosine"), "violation": r.get("violation")} for r in recs],
+        "ds_test_acc_last_parallel": par[-1].get("ds_test_acc") if par else None,
+    }
+
+
+def _schedule(cfg: dict[str, Any]) -> str:
+    from layerpar_fast.config import make_config
+    return make_config(cfg).resolved_schedule()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cells = _cells(args.cells)
+    ks = [int(k) for k in args.ks.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    arms = args.variant.split(",")
+    for a in arms:
+        if a not in VARIANTS:
+            raise SystemExit(f"accuracy_matrix: error: unknown variant {a!r}; valid: {', '.join(VARIANTS)}")
+    from layerpar_fast.data import load_dataset
+    for ds in sorted({CELLS[c]["dataset"] for c in cells}):
+        load_dataset(ds, args.data_dir)      # decode/cache once before any run starts
+    res_path = os.path.join(args.out, "results.json")
+    results = _load(res_path)
+    todo = []
+    for cell in cells:
+        for seed in seeds:
+            todo.append((cell, "serial", None, seed))
+            todo += [(cell, a, k, seed) for k in ks for a in arms]
+    for i, (cell, arm, k, seed) in enumerate(todo):
+        d = run_dir(args.out, cell, arm, k, seed)
+        key = os.path.relpath(d, args.out)
+        if key in results and finished(d):
+            continue
+        cmd = train_command(cell, arm, k, seed, args, d)
+        if not finished(d):
+            if os.path.isfile(os.path.join(d, "checkpoint.pt")):
+                cmd_now = [sys.executable, "-m", "layerpar_fast", "train", "--no-progress", "--resume", d]
+            else:
+                if os.path.isdir(d):          # a run that failed before its first checkpoint
+                    import shutil
+                    shutil.rmtree(d)
+                cmd_now = cmd
+            print(f"[{i + 1}/{len(todo)}] {key}: $ {' '.join(cmd_now[1:])}", flush=True)
+            t0 = time.time()
+            code = subprocess.run(cmd_now).returncode
+            if code != 0:
+                print(f"[{i + 1}/{len(todo)}] {key}: failed with exit status {code}; next run", flush=True)
+                continue
+            print(f"[{i + 1}/{len(todo)}] {key}: {time.time() - t0:.0f} s", flush=True)
+        results[key] = collect(d, cmd)
+        print(f"[{i + 1}/{len(todo)}] {key}: {results[key]['test_acc']:.2f}% on {results[key]['num_test']}", flush=True)
+        atomic_write_json(res_path, {"runs": results, "environment": environment()})
+        report(results, args)
+    report(results, args)
+    return 0
+
+
+def _cells(spec: str) -> list[str]:
+    out: list[str] = []
+    for part in spec.split(","):
+        names = GROUPS.get(part, [part])
+        for n in names:
+            if n not in CELLS:
+                raise SystemExit(f"accuracy_matrix: error: unknown cell {n!r}; cells: {', '.join(CELLS)}; "
+                                 f"groups: {', '.join(GROUPS)}")
+            if n not in out:
+                out.append(n)
+    return out
+
+
+def _load(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f).get("runs", {})
+
+
+def matrix(results: dict[str, Any], variant: str) -> list[dict[str, Any]]:
+    """One row per (cell, K) with both arms finished for at least one common seed."""
+    rows = []
+    for cell, c in CELLS.items():
+        for k in (2, 3, 4, 8):
+            seeds = []
+            for key in results:
+                parts = key.split("/")
+                if parts[0] != cell or not parts[1].startswith(f"{variant}-K{k}-seed"):
+                    continue
+                s = int(parts[1].rpartition("seed")[2])
+                if f"{cell}/serial-seed{s}" in results:
+                    seeds.append(s)
+            if not seeds:
+                continue
+            seeds.sort()
+            ser = [results[f"{cell}/serial-seed{s}"] for s in seeds]
+            sph = [results[f"{cell}/{variant}-K{k}-seed{s}"] for s in seeds]
+            mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+            gaps = [b["test_acc"] - a["test_acc"] for a, b in zip(ser, sph)]
+            rows.append({
+                "dataset": c["dataset"], "cell": cell, "train_size": c["train_size"],
+                "augment": c["augment"] != "none", "epochs": c["epochs"], "K": k, "variant": variant,
+                "seeds": seeds, "serial_acc": round(mean([r["test_acc"] for r in ser]), 3),
+                "sph_acc": round(mean([r["test_acc"] for r in sph]), 3), "gap": round(mean(gaps), 3),
+                "gap_per_seed": [round(g, 3) for g in gaps],
+                "parallel_share": round(mean([r["parallel_share"] for r in sph]), 3),
+                "schedule": sph[0]["schedule"],
+                "wall_s": round(mean([r["wall_s"] for r in sph]), 1),
+                "serial_wall_s": round(mean([r["wall_s"] for r in ser]), 1),
+            })
+    return rows
+
+
+def report(results: dict[str, Any], args: argparse.Namespace) -> None:
+    variants = args.variants.split(",") if getattr(args, "variants", None) else ["default"]
+    tables = {v: matrix(results, v) for v in variants}
+    main = tables[variants[0]]
+    if not any(tables.values()):
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    atomic_write_json(args.json, main)
+    goal = lambda r: 0.3 if r["dataset"] == "mnist" else 0.5  # noqa: E731
+    lines = ["# Accuracy matrix: SPH-AL (the defaults of `layerpar train`) against serial back-propagation", "",
+             f"Machine: {environment().get('processor') or 'CPU'}, {os.cpu_count()} cores; one process per run "
+             "(`--transport local`). Test accuracy of the final model on the whole test set; gap = SPH − serial "
+             "(points, mean over seeds); goal: |gap| within 0.5 (MNIST 0.3). Wall times include per-epoch evaluation "
+             "and are disturbed where other work shared the cores.", "",
+             "    python bench/accuracy_matrix.py run --cells CELLS --ks 2,4 --seeds 0[,1] [--variant NAME]", ""]
+    for v in variants:
+        rows = tables[v]
+        if not rows:
+            continue
+        opts = " ".join(VARIANTS[v]) or "(none: the defaults)"
+        lines += [f"## Variant `{v}`: extra options {opts}", "",
+                  "| cell | K | seeds | serial | SPH | gap | per seed | goal | parallel share | schedule | SPH wall | serial wall |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            ok = "met" if r["gap"] >= -goal(r) else "missed"
+            lines.append(f"| {r['cell']} | {r['K']} | {','.join(map(str, r['seeds']))} | {r['serial_acc']:.2f}% | "
+                         f"{r['sph_acc']:.2f}% | {r['gap']:+.2f} | {' '.join(f'{g:+.2f}' for g in r['gap_per_seed'])} | "
+                         f"{ok} | {r['parallel_share']:.2f} | `{r['schedule']}` | {r['wall_s']:.0f} s | "
+                         f"{r['serial_wall_s']:.0f} s |")
+        lines.append("")
+    with open(args.md, "w") as f:
+        f.write("\n".join(lines))
+    plot(tables, args.png)
+
+
+def plot(tables: dict[str, list[dict[str, Any]]], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    labels = sorted({(r["cell"], r["K"]) for rows in tables.values() for r in rows},
+                    key=lambda x: (list(CELLS).index(x[0]), x[1]))
+    if not labels:
+        return
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(labels) + 2), 4.5))
+    width = 0.8 / max(1, len(tables))
+    for j, (v, rows) in enumerate(tables.items()):
+        by = {(r["cell"], r["K"]): r["gap"] for r in rows}
+        xs = [i + (j - (len(tables) - 1) / 2) * width for i in range(len(labels))]
+        ax.bar(xs, [by.get(lab, 0.0) for lab in labels], width, label=v)
+    ax.axhline(-0.5, color="k", ls="--", lw=0.8, label="−0.5 (−0.3 for MNIST)")
+    ax.axhline(-0.3, color="k", ls=":", lw=0.8)
+    ax.axhline(0, color="k", lw=0.6)
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels([f"{c}\nK={k}" for c, k in labels], rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("SPH − serial test accuracy (points)")
+    ax.set_title("Accuracy matrix: gap of SPH-AL against serial back-propagation at the same budget")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name in ("run", "report"):
+        q = sub.add_parser(name)
+        q.add_argument("--out", default="runs/accuracy_matrix", help="run directories and results.json")
+        q.add_argument("--json", default=os.path.join(HERE, "results", "accuracy_matrix.json"))
+        q.add_argument("--md", default=os.path.join(HERE, "results", "accuracy_matrix.md"))
+        q.add_argument("--png", default=os.path.join(HERE, "results", "accuracy_matrix.png"))
+        q.add_argument("--variants", default="default",
+                       help="variants in the report (the first one is the json's matrix)")
+        if name == "run":
+            q.add_argument("--cells", default="quick", help=f"cells or groups ({', '.join(GROUPS)})")
+            q.add_argument("--ks", default="2,4")
+            q.add_argument("--seeds", default="0")
+            q.add_argument("--variant", default="default", help=f"SPH variants, comma separated: {', '.join(VARIANTS)}")
+            q.add_argument("--data-dir", default=os.environ.get("LAYERPAR_DATA_DIR", "../shared/data"))
+            q.add_argument("--test-subset", type=int, default=2000, help="test images evaluated every epoch")
+            q.add_argument("--threads", type=int, help="torch threads per run (default: all cores)")
+    args = p.parse_args(argv)
+    if args.cmd == "run":
+        return cmd_run(args)
+    report(_load(os.path.join(args.out, "results.json")), args)
+    print(open(args.md).read())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
