@@ -1,13 +1,24 @@
-"""Build script: the optional C++ (and, where torch has CUDA, CUDA) extension ``layerpar_fast._C``.
+"""Build script: the optional C++ (and, where torch has CUDA and an nvcc of the same CUDA major
+version exists, CUDA) extension ``layerpar_fast._C``; the rule is layerpar_fast/_build.py.
 
 Install torch first, then ``pip install --no-build-isolation -e .`` so the extension is compiled
 against the torch you already have (an isolated build would download another torch).
 Set ``LAYERPAR_NO_EXT=1`` to skip the extension; the package then runs on its reference ops.
 """
 import glob
+import importlib.util
 import os
 
 from setuptools import setup
+
+
+def _build_rules():
+    """layerpar_fast/_build.py loaded by path (the package itself needs torch etc. to import)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "layerpar_fast", "_build.py")
+    spec = importlib.util.spec_from_file_location("_layerpar_build", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def _extensions():
@@ -23,7 +34,17 @@ def _extensions():
         print("layerpar_fast: torch not importable at build time; skipping the C++ extension")
         return [], {}
     cu = sorted(glob.glob(os.path.join("csrc", "*.cu")))
-    use_cuda = bool(cu) and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    use_cuda = False
+    if cu:
+        # CUDA only with torch CUDA + an nvcc whose major version is torch's; else the CPU part
+        rules = _build_rules()
+        nvcc = rules.find_nvcc(cpp_extension.CUDA_HOME) if torch.version.cuda is not None else None
+        text = rules.nvcc_version_text(nvcc) if nvcc else None
+        use_cuda, why = rules.cuda_build_decision(torch.version.cuda, nvcc, text)
+        if not use_cuda:
+            where = (f"; looked for bin/nvcc in CUDA_HOME={cpp_extension.CUDA_HOME}"
+                     if torch.version.cuda is not None and cpp_extension.CUDA_HOME and not nvcc else "")
+            print(f"layerpar_fast: building the CPU extension only: {why}{where}")
     # No -std flag: torch's BuildExtension adds the standard its headers need (C++20 for torch 2.13).
     cxx = ["-O3", "-fopenmp"]
     define = [("LAYERPAR_WITH_CUDA", "1")] if use_cuda else []

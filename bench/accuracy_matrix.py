@@ -169,8 +169,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                 print(f"[{i + 1}/{len(todo)}] {key}: failed with exit status {code}; next run", flush=True)
                 continue
             print(f"[{i + 1}/{len(todo)}] {key}: {time.time() - t0:.0f} s", flush=True)
-        results[key] = collect(d, cmd)
-        print(f"[{i + 1}/{len(todo)}] {key}: {results[key]['test_acc']:.2f}% on {results[key]['num_test']}", flush=True)
+        entry = collect(d, cmd)
+        print(f"[{i + 1}/{len(todo)}] {key}: {entry['test_acc']:.2f}% on {entry['num_test']}", flush=True)
+        results = {**_load(res_path), key: entry}    # merged: another invocation may share OUT
         atomic_write_json(res_path, {"runs": results, "environment": environment()})
         report(results, args)
     report(results, args)

@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Any, Sequence
 
-from .config import (AL_ORDERS, AUGMENTS, AUX_DTYPES, BALANCE, LR_SCHEDULES, METHODS, SERIAL_ON,
+from .config import (AL_ORDERS, AUGMENTS, AUX_DTYPES, BALANCE, DEVICES, LR_SCHEDULES, METHODS, SERIAL_ON,
                      TRANSPORTS, Config, ConfigError, load_config_file, make_config, read_run_config)
 
 # option name -> (type, help); the defaults come from Config
@@ -58,6 +58,8 @@ _TRAIN_OPTIONS: dict[str, tuple[Any, str]] = {
     "transport": (str, f"{', '.join(TRANSPORTS)}: local = all stages in this process"),
     "serial_on": (str, f"serial phase on {', '.join(SERIAL_ON)} worker(s)"),
     "timeout_s": (float, "seconds any wait for another worker may last before the run is aborted"),
+    "device": (str, f"{', '.join(DEVICES)}: where to train (auto: cuda when torch sees a GPU, else cpu; "
+                    "distributed runs need one GPU per local rank)"),
     "seed": (int, "random seed (initialisation, data order, augmentation)"),
     "threads": (int, "torch threads (default: CPU cores // local workers)"),
     "checkpoint_every": (int, "write a checkpoint every N epochs"),
@@ -115,7 +117,8 @@ def _train_config(args: argparse.Namespace) -> tuple[Config, str, bool]:
         run_dir = args.resume
         saved = read_run_config(run_dir, "checkpoint.pt", "--resume")
         # only run-time options may change on resume; the training itself must not
-        runtime = {k: getattr(args, k) for k in ("threads", "progress", "timeout_s") if getattr(args, k) is not None}
+        runtime = {k: getattr(args, k) for k in ("threads", "progress", "timeout_s", "transport", "device")
+                   if getattr(args, k) is not None}
         saved.update(runtime)
         saved["out"] = run_dir
         return make_config(saved), run_dir, True
@@ -165,9 +168,13 @@ def _prepare_run_dir(run_dir: str) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .trainer import HybridTrainer
-    from .launch import launch_local, launch_mode, run_member
+    from .launch import (check_local_gpus, launch_local, launch_mode, local_ranks, prefer_eager_module_loading,
+                         run_member)
     cfg, run_dir, resume = _train_config(args)
     mode = launch_mode(cfg)
+    if mode == "member":
+        prefer_eager_module_loading()   # before the GPU check below first initialises CUDA
+    check_local_gpus(cfg, local_ranks(cfg, mode), mode)   # refuse before any work
     _prepare_run_dir(run_dir)
     if mode == "spawn":     # K local processes, one per stage
         return launch_local(cfg, run_dir, resume)

@@ -26,6 +26,7 @@ BALANCE = ("time", "flops")
 PHASES = ("serial", "parallel", "idle")
 PARALLEL_AUGMENTS = ("none", "shift", "shift_flip")
 MULT_INITS = ("zero", "grad")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
@@ -77,6 +78,7 @@ class Config:
     serial_on: str = "all"
     timeout_s: float = 300.0
     # run
+    device: str = "auto"
     seed: int = 0
     threads: int | None = None
     out: str | None = None
@@ -125,6 +127,7 @@ class Config:
              f"--parallel-augment {self.parallel_augment!r} is not one of {', '.join(PARALLEL_AUGMENTS)}")
         need(self.mult_init in MULT_INITS, f"--mult-init {self.mult_init!r} is not one of {', '.join(MULT_INITS)}")
         need(self.balance in BALANCE, f"--balance {self.balance!r} is not one of {', '.join(BALANCE)}")
+        need(self.device in DEVICES, f"--device {self.device!r} is not one of {', '.join(DEVICES)}")
         need(self.cifar100_labels in ("fine", "coarse"),
              f"--cifar100-labels {self.cifar100_labels!r} is not one of fine, coarse")
         need(self.epochs is None or self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")

@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import devsync
 from .config import Config, ConfigError
 from .data import Dataset, load_dataset
 from .models import build_model
@@ -113,6 +114,8 @@ class _Inbox:
         self.inflight = 0
         self.announced = -1          # last step announced this epoch
         self.delivered = -1          # last step handed to the worker
+        self.posted_upto = -1        # last step whose irecv was posted (this epoch)
+        self.completed_upto = -1     # last step whose irecv completed (this epoch)
         self.error: BaseException | None = None
         self.closing = False
         self.thread = threading.Thread(target=self._run, daemon=True,
@@ -128,7 +131,7 @@ class _Inbox:
             self.todo.extend(steps)
             self.inflight = len(steps)
             self.announced = steps[-1][0] if steps else -1
-            self.delivered = -1
+            self.delivered = self.posted_upto = self.completed_upto = -1
             self.cv.notify_all()
 
     def _run(self) -> None:
@@ -151,12 +154,15 @@ class _Inbox:
                     buf = torch.empty(shape, dtype=dtype, device=tp.device)
                     work = dist.irecv(buf, self.src, group=tp.group_for(self.tag), tag=TAG_IDS[self.tag])
                     posted.append((step, buf, work))
+                    with self.cv:
+                        self.posted_upto = step
                 step, buf, work = posted.popleft()
                 work.wait(timeout)
                 if buf.is_cuda:  # NCCL's wait only orders streams; the host must see the data
                     torch.cuda.current_stream(buf.device).synchronize()
                 with self.cv:
                     self.ready.append((step, buf))
+                    self.completed_upto = step
                     self.inflight -= 1
                     self.cv.notify_all()
         except BaseException as e:  # delivered to the worker's thread by take()
@@ -199,6 +205,24 @@ class _Inbox:
         return TransportError(f"rank {tp.rank}: lost rank {self.src} while receiving {self.tag!r} messages "
                               f"(that rank stopped; its own error is reported separately): {text}")
 
+    def wait_posted(self, what: str) -> None:
+        """Block until every irecv posted so far has completed: what a device-wide synchronisation
+        does while NCCL receive kernels spin (the LAYERPAR_DEBUG_SYNC emulation, devsync.py)."""
+        tp = self.tp
+        with self.cv:
+            target = self.posted_upto
+            deadline = time.monotonic() + tp.timeout_s
+            while self.completed_upto < target:
+                if self.error is not None:
+                    raise self._failure(self.completed_upto + 1)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TransportError(
+                        f"rank {tp.rank}: no {self.tag!r} message for step {self.completed_upto + 1} from rank "
+                        f"{self.src} within {tp.timeout_s:g}s (--timeout-s) while a device synchronisation "
+                        f"({what}) waited for the posted receives: on a GPU this order deadlocks")
+                self.cv.wait(min(left, 1.0))
+
     def close(self) -> None:
         with self.cv:
             self.closing = True
@@ -233,6 +257,12 @@ class DistTransport(Transport):
         self._outbox: deque[tuple[Any, torch.Tensor, str, int]] = deque()
         self._last_sent: dict[tuple[int, str], int] = {}
         self._count_init()
+        if devsync.enabled():
+            devsync.register(self._wait_posted)
+
+    def _wait_posted(self, what: str) -> None:
+        for box in list(self._inboxes.values()):
+            box.wait_posted(what)
 
     def group_for(self, tag: str) -> Any:
         return self._groups[tag]
@@ -310,6 +340,7 @@ class DistTransport(Transport):
         dist.barrier()
 
     def close(self) -> None:
+        devsync.unregister(self._wait_posted)
         for box in self._inboxes.values():
             box.close()
         self._inboxes.clear()
@@ -578,18 +609,20 @@ class DistTrainer(HybridTrainer):
         worker.begin_epoch(epoch, batches, lambda t: self.lr_at(step0 + t))
         bar = _bar(len(batches), f"epoch {epoch + 1}/{self.total_epochs} parallel (stage {self.rank})", cfg.progress)
         t0 = time.perf_counter()
-        seen = 0
+        seen, shown = 0, 0.0
         for t in range(len(batches)):
             if delay > 0:
                 time.sleep(delay)
             worker.step(t)
             seen += len(batches[t])
             if bar is not None:
-                s = worker.stats
                 bar.update(1)
-                bar.set_postfix(local_loss=f"{s.loss_sum / s.samples:.4f}",
-                                img_s=f"{seen / (time.perf_counter() - t0):.0f}", refresh=False)
+                if time.perf_counter() - shown > 1.0:   # monitors read at most once a second
+                    s, shown = worker.stats, time.perf_counter()
+                    bar.set_postfix(local_loss=f"{s.peek('loss_sum') / s.samples:.4f}",
+                                    img_s=f"{seen / (time.perf_counter() - t0):.0f}", refresh=False)
         stats = worker.end_epoch()
+        stats.sync_points = self._take_sync_points()
         wall = time.perf_counter() - t0
         _bar_close(bar)
         gathered = _all_gather_object((stats, self.transport.counters(), wall, getattr(self, "aux_bytes", 0)))

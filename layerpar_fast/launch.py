@@ -56,6 +56,49 @@ def launch_mode(cfg: Config) -> str:
     return "spawn"
 
 
+def local_ranks(cfg: Config, mode: str) -> int:
+    """How many processes of the run share this machine's GPUs: K started here (``spawn``),
+    torchrun's LOCAL_WORLD_SIZE (``member``; WORLD_SIZE when unset), or 1 (``local``)."""
+    if mode == "spawn":
+        return cfg.stages
+    if mode == "member":
+        value = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("WORLD_SIZE") or "1"
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"LOCAL_WORLD_SIZE={value!r} is not an integer") from None
+    return 1
+
+
+def check_local_gpus(cfg: Config, ranks: int, mode: str = "spawn") -> str:
+    """Resolve ``cfg.device`` (``"cpu"`` or ``"cuda"``) and refuse, before any work, a CUDA run
+    whose ``ranks`` local processes (one GPU each) outnumber the visible GPUs, or ``--device
+    cuda`` where torch sees no GPU: one ConfigError line."""
+    import torch
+
+    from .trainer import _pick_device
+    device = _pick_device(cfg).type          # ConfigError for --device cuda without a GPU
+    if device != "cuda" or ranks <= 1:
+        return device
+    count = torch.cuda.device_count()
+    if ranks > count:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        seen = f"CUDA_VISIBLE_DEVICES={visible}" if visible is not None else "CUDA_VISIBLE_DEVICES unset"
+        fix = (f"start at most {count} ranks per machine (torchrun --nproc-per-node {count})" if mode == "member"
+               else f"use --stages {count} or more machines" if count >= 2
+               else "use --transport local (all stages in one process on one GPU) or more machines")
+        raise ConfigError(f"{ranks} local ranks need {ranks} GPUs, but {count} {'is' if count == 1 else 'are'} "
+                          f"visible ({seen}); {fix}")
+    return device
+
+
+def prefer_eager_module_loading() -> None:
+    """CUDA_MODULE_LOADING=EAGER unless the user chose: with lazy loading a kernel's first
+    launch loads its module, which may synchronise the device while NCCL receives are posted
+    (layerpar_fast.devsync). Takes effect only before CUDA is first initialised in a process."""
+    os.environ.setdefault("CUDA_MODULE_LOADING", "EAGER")
+
+
 # ------------------------------------------------------------------------------------ parent side
 def _quiet_elastic_logs() -> None:
     for name in list(logging.root.manager.loggerDict):
@@ -73,12 +116,15 @@ def launch_local(cfg: Config, run_dir: str, resume: bool, *, entry: Sequence[str
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     k = cfg.stages
+    check_local_gpus(cfg, k, "spawn")
     lc = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=k, run_id=f"layerpar-{uuid.uuid4().hex[:12]}",
                       rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", local_addr="127.0.0.1",
                       rdzv_configs={"timeout": max(60, int(cfg.timeout_s))}, max_restarts=0,
                       monitor_interval=0.1, start_method="spawn", shutdown_timeout=5)
-    saved = {v: os.environ.get(v) for v in (_LAUNCHED, "GLOO_SOCKET_IFNAME", "OMP_NUM_THREADS")}
+    saved = {v: os.environ.get(v) for v in (_LAUNCHED, "GLOO_SOCKET_IFNAME", "OMP_NUM_THREADS",
+                                            "CUDA_MODULE_LOADING")}
     os.environ[_LAUNCHED] = "1"
+    prefer_eager_module_loading()               # inherited by the workers
     if "GLOO_SOCKET_IFNAME" not in os.environ and os.path.exists("/sys/class/net/lo"):
         os.environ["GLOO_SOCKET_IFNAME"] = "lo"   # every rank is on this machine
     os.environ.setdefault("OMP_NUM_THREADS", str(cfg.threads or max(1, (os.cpu_count() or 1) // k)))
@@ -204,6 +250,7 @@ def run_member(cfg: Config, run_dir: str | None, resume: bool) -> int:
     code = 0
     try:
         _die_with_launcher()
+        prefer_eager_module_loading()          # torchrun members: before CUDA is first used
         init_process_group(cfg.timeout_s)
         if rank != 0:                      # one display: rank 0 prints, the others stay quiet
             warnings.simplefilter("ignore")

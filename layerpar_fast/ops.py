@@ -14,7 +14,9 @@ Backends: ``ref`` (objectives.py, always available), ``cpp`` (the C++ extension,
 ``triton`` (CUDA tensors; CPU tensors too when ``TRITON_INTERPRET=1`` was set before the kernels
 were first imported). ``LAYERPAR_OPS={auto,ref,cpp,triton}`` (read at every call) forces a path:
 a forced path that cannot run raises :class:`BackendUnavailable` after a one-time warning.
-``auto`` takes triton for CUDA tensors and cpp for CPU tensors when available, else ref.
+``auto`` takes triton for CUDA tensors and cpp for CPU tensors when available, else ref;
+Triton counts as available on a CUDA device once a one-time test launch of one of its kernels
+there succeeded (else one warning, and the reference runs).
 
 Fused coverage: the local loss is fused for both filter kinds (it only involves D); the stage
 input is fused for ``avg_nearest`` (and any kind at s = 1), the coarse input gradient for
@@ -41,7 +43,7 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import _ext
+from . import _ext, devsync
 from . import objectives as ref
 from .filters import FilterPair
 from .profiling import nvtx_range  # re-exported: one NVTX helper for the package
@@ -91,6 +93,43 @@ def _triton_state() -> tuple[ModuleType | None, str]:
     return kernels, ""
 
 
+def _triton_probe(device: torch.device) -> None:
+    """Launch one of the kernels (the λ-step, not autotuned: one compilation) on a few tiny rows
+    on ``device``, wait for it, and compare with the reference; raise when anything fails."""
+    lam = torch.linspace(-1.0, 1.0, 16, dtype=torch.float32, device=device).reshape(2, 2, 2, 2)
+    a = torch.linspace(0.5, -0.5, 16, dtype=torch.float32, device=device).reshape(2, 2, 2, 2)
+    g = torch.full_like(a, 0.25)
+    idx = torch.tensor([1, 0], dtype=torch.int64, device=device)
+    want, _ = ref.lambda_step(lam.index_select(0, idx), None, a, g, 2.0, 0.5)
+    got = _kernel("k_lambda_step").lambda_step_(lam.clone(), None, idx, a, g, 2.0, 0.5)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    if not torch.allclose(got.float().cpu(), want.float().cpu(), rtol=1e-5, atol=1e-6):
+        raise RuntimeError("the test launch of the λ-step kernel gave wrong results")
+
+
+@lru_cache(maxsize=None)
+def _triton_launch_error(device: torch.device) -> str:
+    """'' when Triton kernels run on this CUDA device (a one-time test launch, cached per
+    device), else the reason. Triton importing is not enough: a GPU newer than the Triton/ptxas
+    build, or a broken driver, fails only when a kernel is compiled or launched."""
+    kernels, why = _triton_state()
+    if kernels is None:
+        return why
+    try:
+        _triton_probe(device)
+    except Exception as e:  # compilation (ptxas, unsupported arch), launch, or wrong results
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        return f"a test launch on {device} failed: {type(e).__name__}: {first}"
+    return ""
+
+
+def _triton_cuda_error(device: torch.device) -> str:
+    """:func:`_triton_launch_error` for the CUDA device that runs ``device``'s tensors."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _triton_launch_error(torch.device("cuda", index))
+
+
 _resolved: dict[tuple[str, str], str] = {}
 
 
@@ -98,6 +137,7 @@ def reset_backend_cache() -> None:
     """Forget cached availability checks, resolved backends and one-time warnings (for tests)."""
     _resolved.clear()
     _triton_state.cache_clear()
+    _triton_launch_error.cache_clear()
     _pinned_available.cache_clear()
     _warned.clear()
     _ext.reset()
@@ -146,12 +186,19 @@ def _resolve(device: torch.device) -> str:
             raise BackendUnavailable(msg)
         if device.type not in ("cpu", "cuda"):
             raise BackendUnavailable(f"LAYERPAR_OPS=triton cannot run {device} tensors")
+        if device.type == "cuda":
+            why = _triton_cuda_error(device)
+            if why:
+                msg = f"LAYERPAR_OPS=triton, but the Triton kernels do not run here ({why})"
+                _warn_once("forced-triton-cuda", msg)
+                raise BackendUnavailable(msg)
         return "triton"
     if device.type == "cuda":
-        if _triton_state()[0] is not None:
+        why = _triton_cuda_error(device)
+        if not why:
             return "triton"
-        _warn_once("auto-triton", "layerpar_fast: Triton kernels unavailable "
-                   f"({_triton_state()[1]}); CUDA ops use the reference torch code")
+        _warn_once("auto-triton", f"layerpar_fast: Triton kernels unavailable ({why}); "
+                   "CUDA ops use the reference torch code")
         return "ref"
     if device.type == "cpu" and _ext.available():
         return "cpp"
@@ -162,7 +209,8 @@ def available_backends() -> dict[str, bool]:
     """Which backends can run here: ref always; cpp with the extension; triton with CUDA (or
     with CPU tensors in the interpreter)."""
     kernels = _triton_state()[0]
-    triton_ok = kernels is not None and (torch.cuda.is_available() or bool(kernels.INTERPRET))
+    cuda_ok = kernels is not None and torch.cuda.is_available() and not _triton_cuda_error(torch.device("cuda"))
+    triton_ok = kernels is not None and (cuda_ok or bool(kernels.INTERPRET))
     return {"ref": True, "cpp": _ext.available(), "triton": triton_ok}
 
 
@@ -298,6 +346,7 @@ def local_loss(o: torch.Tensor, target: torch.Tensor, mult: torch.Tensor | None,
     loss and the coarse gradient; ``loss.backward()`` then writes grad_o in o's layout.
     """
     _check_loss_args(o, target, mult, form, filt)
+    devsync.first_call("local_loss", o, target, mult)
     backend = _backend_for(o.device)
     if backend == "ref":
         return ref.local_loss(o, target, mult, beta, form, filt)
@@ -320,6 +369,7 @@ def local_loss(o: torch.Tensor, target: torch.Tensor, mult: torch.Tensor | None,
 def coarse_input_grad(grad_z: torch.Tensor, filt: FilterPair) -> torch.Tensor:
     """g = B·Uᵀ(grad_z), float32 (B, C, H/s, W/s). At s = 1 this is one scaling op and every
     backend runs the reference (there is nothing to fuse)."""
+    devsync.first_call("coarse_input_grad", grad_z)
     backend = _backend_for(grad_z.device)
     if backend == "ref" or filt.s == 1 or filt.kind != "avg_nearest" or grad_z.dim() != 4:
         return ref.coarse_input_grad(grad_z, filt)
@@ -340,6 +390,7 @@ def jacobi_update_(lam_store: torch.Tensor, u_store: torch.Tensor | None, idx: t
     if u_store is not None and (u_store.shape != lam_store.shape or u_store.device != lam_store.device):
         raise ValueError(f"jacobi_update_: u store {tuple(u_store.shape)} on {u_store.device} does not match "
                          f"the λ̃ store {tuple(lam_store.shape)} on {lam_store.device}")
+    devsync.first_call("jacobi_update_", lam_store, u_store, idx, a, g)
     backend = _backend_for(lam_store.device)
     same_dtype = u_store is None or u_store.dtype == lam_store.dtype
     fast = (_contig_store(lam_store) and same_dtype
@@ -371,6 +422,7 @@ def gather_rows(store: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | None
     (len(idx), *row) and the store dtype) when given. cpp: a multi-threaded row copy into
     pinned memory when CUDA is available, so a following ``.to('cuda', non_blocking=True)`` is
     asynchronous."""
+    devsync.first_call("gather_rows", store, idx)
     backend = _backend_for(store.device)
     shape = (len(idx), *store.shape[1:])
     if out is not None and (tuple(out.shape) != shape or out.dtype != store.dtype or out.device != store.device):
@@ -388,6 +440,7 @@ def gather_rows(store: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | None
 
 def scatter_rows_(store: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> None:
     """store[idx] = rows (cast to the store dtype); with repeated indices the last one wins."""
+    devsync.first_call("scatter_rows_", store, idx, rows)
     backend = _backend_for(store.device)
     if backend == "cpp" and _contig_store(store):
         _cpp().scatter_rows_(store, _cpu_index(idx), rows.to("cpu"))
@@ -405,6 +458,7 @@ def scatter_rows_(store: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) ->
 def stage_input(store: torch.Tensor, idx: torch.Tensor, filt: FilterPair,
                 channels_last: bool = False) -> torch.Tensor:
     """z = U(store[idx]) in fp32 (gather + upsample + cast fused), NCHW or channels_last."""
+    devsync.first_call("stage_input", store, idx)
     backend = _backend_for(store.device)
     fused = (filt.kind == "avg_nearest" or filt.s == 1) and store.dim() == 4 and _contig_store(store)
     if backend == "cpp" and fused:
@@ -460,6 +514,8 @@ def describe() -> str:
         import triton
 
         mode = "interpreter" if kernels.INTERPRET else ("CUDA" if torch.cuda.is_available() else "no CUDA device")
+        if mode == "CUDA" and _triton_cuda_error(torch.device("cuda")):
+            mode = f"CUDA, not used ({_triton_cuda_error(torch.device('cuda'))})"
         parts.append(f"triton {triton.__version__}: {mode}")
     parts.append("avg_bilinear stage_input/coarse_input_grad: ref")
     return "; ".join(parts)

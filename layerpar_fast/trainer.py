@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import __version__, ops
+from . import __version__, devsync, ops
 from .auxstore import TensorAuxStore
 from .config import Config, ConfigError, make_config, read_run_config
 from .data import _CIFAR_PAD, _MNIST_SHIFT, BatchLoader, Dataset, _affine, load_dataset
@@ -374,6 +374,7 @@ class HybridTrainer:
     def _enter_parallel(self, pidx: int, epoch: int) -> None:
         """(Re-)initialise λ̃ by a forward pass and u/μ = 0; measure κ_k; fix β_k and lr caps."""
         cfg = self.cfg
+        self._warmed = False
         if self._resumed_aux is not None and self._resumed_aux["phase"] == pidx:
             self.stores = self._make_stores()
             for name, lst in self.stores.items():
@@ -428,6 +429,7 @@ class HybridTrainer:
         if self.flip_views is not None:
             batches = batches + [self.flip_views.other(b) for b in batches]
         workers = self._workers(self._settings())
+        self._warm_up(workers, batches)
         bar = _bar(len(batches), f"epoch {epoch + 1}/{self.total_epochs} init λ", cfg.progress)
         with frozen_bn_stats(self.model):
             for w in workers:
@@ -441,6 +443,15 @@ class HybridTrainer:
         _bar_close(bar)
         if cfg.mult_init == "grad":
             self._warm_multipliers(workers, epoch, batches)
+
+    def _warm_up(self, workers: list[StageWorker], batches: list[torch.Tensor]) -> None:
+        """Every stage runs each kernel once per batch shape of the phase before any of the phase's
+        receives is posted (StageWorker.warm_up; the invariant of devsync.py)."""
+        sizes = sorted({len(b) for b in batches})
+        with frozen_bn_stats(self.model):
+            for w in workers:
+                w.warm_up(sizes)
+        self._warmed = True
 
     def _warm_multipliers(self, workers: list[StageWorker], epoch: int, batches: list[torch.Tensor]) -> None:
         """One λ/u visit with the true back-propagated signal before the first parallel epoch
@@ -461,21 +472,33 @@ class HybridTrainer:
         cfg = self.cfg
         batches = self._parallel_batches(epoch)
         workers = self._workers(self._settings())
+        if not getattr(self, "_warmed", False):   # a phase resumed from a checkpoint
+            self._warm_up(workers, batches)
         step0 = epoch * self.steps_per_epoch
         for w in workers:
             w.begin_epoch(epoch, batches, lambda t: self.lr_at(step0 + t))
         bar = _bar(len(batches), f"epoch {epoch + 1}/{self.total_epochs} parallel", cfg.progress)
-        seen = 0
+        seen, shown = 0, 0.0
         for t in range(len(batches)):
             for w in workers:
                 w.step(t)
             seen += len(batches[t])
-            last = workers[-1].stats
-            _bar_update(bar, last.loss_sum / last.samples, last.correct / last.samples, seen,
-                        sum(w.stats.compute_s + w.stats.data_s for w in workers))
+            if bar is not None and (time.perf_counter() - shown > 1.0 or t == len(batches) - 1):
+                last, shown = workers[-1].stats, time.perf_counter()   # monitors read at most once a second
+                _bar_update(bar, last.peek("loss_sum") / last.samples, last.peek("correct") / last.samples, seen,
+                            sum(w.stats.compute_s + w.stats.data_s for w in workers))
+            else:
+                _bar_step(bar)
         _bar_close(bar)
         stats = [w.end_epoch() for w in workers]
+        stats[0].sync_points = self._take_sync_points()
         return self._parallel_record(epoch, stats, [w.tp for w in workers])
+
+    def _take_sync_points(self) -> int:
+        """Device synchronisation points met by this process since the last call."""
+        now = devsync.points()
+        delta, self._sync_mark = now - getattr(self, "_sync_mark", 0), now
+        return delta
 
     def _parallel_record(self, epoch: int, stats: list[Any], transports: list[Any]) -> dict[str, Any]:
         ps = self.phase_state
@@ -514,6 +537,8 @@ class HybridTrainer:
                               "t_lambda": t_lambda, "t_comm_exposed": t_comm, "rho_pred": rho},
             "transport": [tp.counters() for tp in transports],
         }
+        if devsync.enabled():   # emulated device synchronisations (LAYERPAR_DEBUG_SYNC=1), all ranks
+            rec["debug_sync_points"] = sum(s.sync_points for s in stats)
         rec["probe_cosine"] = self._probe_cosines()
         return rec
 
@@ -635,6 +660,18 @@ class HybridTrainer:
         tmp = f"{path}.tmp{os.getpid()}"
         torch.save(state, tmp)
         os.replace(tmp, path)
+        if self._holds_every_stage():
+            # a distributed checkpoint resumed in one process: its per-rank files are stale now
+            for name in os.listdir(self.out_dir):
+                if name.startswith("aux-rank") and name.endswith(".pt"):
+                    try:
+                        os.remove(os.path.join(self.out_dir, name))
+                    except OSError:
+                        pass
+
+    def _holds_every_stage(self) -> bool:
+        """Whether this process holds every stage's auxiliary stores (a single-process run)."""
+        return all(self._owns_stage(k) for k in range(len(self.stages)))
 
     def _load_checkpoint(self) -> None:
         path = os.path.join(self.out_dir, CHECKPOINT)
@@ -644,6 +681,9 @@ class HybridTrainer:
             raise ConfigError(f"--resume {self.out_dir}: no {CHECKPOINT} there") from None
         except Exception as e:
             raise ConfigError(f"--resume {self.out_dir}: cannot read {CHECKPOINT}: {e}") from None
+        why = _resume_mismatch(state.get("config"), self.cfg)
+        if why:
+            raise ConfigError(f"--resume {self.out_dir}: {why}")
         if state.get("cuts") != self.cuts:
             raise ConfigError(f"--resume: checkpoint cuts {state.get('cuts')} differ from {self.cuts}")
         self.model.load_state_dict(state["model"])
@@ -655,7 +695,35 @@ class HybridTrainer:
         ps = state.get("phase_state")
         self.phase_state = PhaseState(**ps) if ps else None
         self._resumed_aux = state.get("aux")
+        if self._resumed_aux is not None and "stores" not in self._resumed_aux and self._holds_every_stage():
+            self._resumed_aux = self._read_rank_aux(self._resumed_aux)
         self.log(f"resumed {self.out_dir} after epoch {self.epoch}/{self.total_epochs}")
+
+    def _read_rank_aux(self, aux: dict[str, Any]) -> dict[str, Any]:
+        """The auxiliary stores of a distributed checkpoint (rank k wrote stage k's stores to
+        ``aux-rank{k}-epoch{E}.pt``, named in ``aux["files"]``), assembled per stage for this
+        process, which runs every stage."""
+        k = len(self.stages)
+        files = list(aux.get("files") or [])
+        if aux.get("world") != k or len(files) != k:
+            raise ConfigError(f"--resume {self.out_dir}: the checkpoint's auxiliary stores come from "
+                              f"{aux.get('world')} ranks, this run has {k} stages")
+        stores: dict[str, list[Any]] = {}
+        for rank, name in enumerate(files):
+            try:
+                part = torch.load(os.path.join(self.out_dir, name), map_location=self.device, weights_only=False)
+            except FileNotFoundError:
+                raise ConfigError(f"--resume {self.out_dir}: {name} (rank {rank}'s auxiliary stores) "
+                                  "is missing") from None
+            except Exception as e:
+                first = (str(e).splitlines() or [type(e).__name__])[0]
+                raise ConfigError(f"--resume {self.out_dir}: cannot read {name}: {first}") from None
+            if part.get("epoch") != aux.get("epoch") or part.get("rank") != rank:
+                raise ConfigError(f"--resume {self.out_dir}: {name} belongs to epoch {part.get('epoch')} rank "
+                                  f"{part.get('rank')}, expected epoch {aux.get('epoch')} rank {rank}")
+            for store, st in part["stores"].items():
+                stores.setdefault(store, [None] * k)[rank] = st
+        return {"phase": aux["phase"], "stores": stores}
 
     def _summary(self, wall: float) -> dict[str, Any]:
         accs = [r["test_acc"] for r in self.records]
@@ -687,7 +755,7 @@ def evaluate_run(run_dir: str, *, test_subset: int | None = None, data_dir: str 
     model_path = os.path.join(run_dir, "final_model.pt")
     values.update(stages=1, cuts=None, method="serial", schedule="serial:1", epochs=None, progress=False,
                   test_subset=test_subset, out=None, threads=threads or values.get("threads"),
-                  transport="local", delay_rank=None, delay_s=0.0)
+                  transport="local", delay_rank=None, delay_s=0.0, device="auto")
     if data_dir is not None:
         values["data_dir"] = data_dir
     cfg = make_config(values)
@@ -703,8 +771,50 @@ def evaluate_run(run_dir: str, *, test_subset: int | None = None, data_dir: str 
             "eval_time_s": time.perf_counter() - t0}
 
 
+def _beta_rule(c: dict[str, Any]) -> str:
+    """How a configuration fixes β_k (the rule a resumed parallel phase must keep)."""
+    if c.get("beta") is not None:
+        return f"--beta {c['beta']}"
+    if c.get("method") == "al" and c.get("al_order", "gs") == "gs":
+        return f"--beta-c {c.get('beta_c', 0.6)} (beta_k = c/(lr*kappa_k))"
+    return "the default beta 10"
+
+
+def _resume_mismatch(saved: dict[str, Any] | None, cfg: Config) -> str:
+    """'' when ``cfg`` may continue a checkpoint written with the configuration ``saved``, else
+    one line naming the first option that changed and the checkpoint's value."""
+    if not isinstance(saved, dict):
+        return ""                                   # a checkpoint without its configuration
+    now = cfg.to_dict()
+    for key in ("method", "stages", "ds", "al_order"):
+        if key == "al_order" and "al" not in (saved.get("method"), now["method"]):
+            continue                                # the order only matters for --method al
+        if key in saved and saved[key] != now[key]:
+            opt = "--" + key.replace("_", "-")
+            return (f"{opt} {now[key]} differs from the checkpoint's {opt} {saved[key]}; "
+                    f"resume with {opt} {saved[key]} (or start a new run)")
+    old, new = _beta_rule(saved), _beta_rule(now)
+    if old != new:
+        return f"beta rule {new} differs from the checkpoint's {old}; resume with {old} (or start a new run)"
+    return ""
+
+
 def _pick_device(cfg: Config) -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``cfg.device``: cpu; cuda (a ConfigError when torch sees no GPU); auto = cuda when torch
+    sees a GPU, else cpu."""
+    choice = getattr(cfg, "device", "auto")
+    if choice == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if choice == "cuda":
+        build = (f"torch {torch.__version__} is built for CUDA {torch.version.cuda}" if torch.version.cuda
+                 else f"torch {torch.__version__} is a CPU-only build")
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        seen = f", CUDA_VISIBLE_DEVICES={visible!r}" if visible is not None else ""
+        raise ConfigError(f"--device cuda, but torch sees no CUDA device ({build}{seen}); "
+                          "use --device cpu or auto")
+    return torch.device("cpu")
 
 
 def _augment_kind(augment: str, ds: Dataset) -> str | None:

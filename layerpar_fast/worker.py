@@ -14,6 +14,7 @@ Stores of worker k:
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import ops
+from . import devsync, ops
 from .profiling import nvtx_range
 from .auxstore import AuxStore
 from .filters import FilterPair
@@ -60,7 +61,29 @@ class EpochStats:
     data_s: float = 0.0               # reading inputs/targets
     update_s: float = 0.0             # applying messages to stores (λ/u updates)
     wait_s: float = 0.0               # blocked on neighbour messages
+    sync_points: int = 0              # emulated device synchronisations (devsync.py), set by the trainer
     extra: dict = field(default_factory=dict)
+    _acc: dict = field(default_factory=dict, repr=False)   # name -> float64 device tensor
+
+    def add(self, name: str, value: torch.Tensor) -> None:
+        """Accumulate a monitor on the device (no host synchronisation); :meth:`finalize` reads
+        every accumulator once at the end of the epoch."""
+        v = value.detach().double()
+        acc = self._acc.get(name)
+        self._acc[name] = v if acc is None else acc + v
+
+    def peek(self, name: str) -> float:
+        """The current value of a monitor (a host read of its accumulator: for progress bars,
+        at most about once a second)."""
+        acc = self._acc.get(name)
+        return getattr(self, name) + (0.0 if acc is None else float(acc))
+
+    def finalize(self) -> "EpochStats":
+        """Move the device accumulators into the float fields (one read per epoch)."""
+        for name, v in self._acc.items():
+            setattr(self, name, getattr(self, name) + (int(v) if name == "correct" else float(v)))
+        self._acc = {}
+        return self
 
     def as_dict(self, rank: int, last: bool) -> dict:
         d = {
@@ -160,7 +183,28 @@ class StageWorker:
         sh = None
         if aug is not None:
             sh = self._shifts[t] = aug.shifts(self.epoch, t, len(idx))
+        send_a = None
+        if not self.last and self.form == "gs":   # Gauss-Seidel: send a_k right after the forward
+            send_a = lambda a: self.tp.send(self.rank + 1, "in", t, a.to(self.target_store.dtype))  # noqa: E731
+        a, g = self._train_on(idx, sh, min(self.lr(t), self.cfg.lr_cap), send_a)
+        t2 = time.perf_counter()
+        if g is not None:
+            self.tp.send(self.rank - 1, "g", t, g)
+        self.done = t
+        if not self.last:
+            if self.form == "gs":           # own target λ̃_k ← a_k (after this step's read)
+                self.target_store.scatter_(idx, a)
+            else:
+                self._pending_a[t] = a
+        self._drain_ready()
+        self.stats.update_s += time.perf_counter() - t2
 
+    def _train_on(self, idx: torch.Tensor, sh: torch.Tensor | None, lr: float,
+                  send_a: Callable[[torch.Tensor], None] | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Read, forward, local loss, backward, optimizer step on rows ``idx`` (view shifts ``sh``);
+        returns (a_k or None, g_{k-1} or None). No host synchronisation: the monitors accumulate
+        on the device (EpochStats) and are read once per epoch."""
+        aug = self.cfg.augment
         t0 = time.perf_counter()
         if self.first:
             z_in = z = self.input_fn(idx)
@@ -175,16 +219,17 @@ class StageWorker:
         t1 = time.perf_counter()
         self.stats.data_s += t1 - t0
 
-        lr = min(self.lr(t), self.cfg.lr_cap)
         for group in self.opt.param_groups:
             group["lr"] = lr
+        devsync.first_call(f"stage{self.rank}/forward+backward", z)   # kernel loads, cuDNN search
         with nvtx_range(f"stage{self.rank}/forward"):
             o = self.module(z)
         b = len(idx)
+        st = self.stats
         if self.last:
             y = self.y_train[idx].to(self.device, non_blocking=True)
             loss = F.cross_entropy(o, y, label_smoothing=self.cfg.label_smoothing)
-            self.stats.correct += int((o.detach().argmax(1) == y).sum())
+            st.add("correct", (o.detach().argmax(1) == y).sum())
             a = None
         else:
             with nvtx_range(f"stage{self.rank}/local_loss"):
@@ -198,30 +243,54 @@ class StageWorker:
                                              self.cfg.beta, self.form, self.filt)
                     a = torch.where(vis, a.detach(), target.to(a.dtype))
             tgt = target.float()
-            self.stats.drift_num += float((a - tgt).pow(2).sum())
-            self.stats.drift_den += float(tgt.pow(2).sum())
-            if self.form == "gs":           # Gauss-Seidel: send a_k right after the forward
-                self.tp.send(self.rank + 1, "in", t, a.to(self.target_store.dtype))
+            st.add("drift_num", (a - tgt).pow(2).sum())
+            st.add("drift_den", tgt.pow(2).sum())
+            if send_a is not None:
+                send_a(a)
         self.opt.zero_grad(set_to_none=True)
         with nvtx_range(f"stage{self.rank}/backward"):
             loss.backward()
+        devsync.first_call(f"stage{self.rank}/optimizer_step")
         self.opt.step()
-        self.stats.loss_sum += float(loss.detach()) * b
-        self.stats.samples += b
-        if not self.first:
-            g = ops.coarse_input_grad(z_in.grad, self.filt)
-            self.tp.send(self.rank - 1, "g", t, g)
-        t2 = time.perf_counter()
-        self.stats.compute_s += t2 - t1
+        st.add("loss_sum", loss.detach().double() * b)
+        st.samples += b
+        g = None if self.first else ops.coarse_input_grad(z_in.grad, self.filt)
+        st.compute_s += time.perf_counter() - t1
+        return a, g
 
-        self.done = t
-        if not self.last:
-            if self.form == "gs":           # own target λ̃_k ← a_k (after this step's read)
-                self.target_store.scatter_(idx, a)
-            else:
-                self._pending_a[t] = a
-        self._drain_ready()
-        self.stats.update_s += time.perf_counter() - t2
+    def warm_up(self, sizes: list[int]) -> None:
+        """Run every kernel of a step once for each batch size in ``sizes`` (the phase's full and
+        last partial batch), before any receive of the phase is posted, and leave no trace:
+        parameters, buffers, optimizer state, gradients and store rows are restored. This is
+        where first-call compilation, autotuning and module loading synchronise the device, while
+        no NCCL receive can be outstanding (the invariant of devsync.py)."""
+        if not devsync.warmup_enabled():
+            return
+        saved_module = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+        saved_opt = copy.deepcopy(self.opt.state_dict())
+        saved_stats, self.stats = self.stats, EpochStats()
+        stores = [s for s in (self.input_store, self.target_store, self.mult_store) if s is not None]
+        for b in sorted(set(sizes)):
+            idx = torch.arange(b)
+            rows = [s.gather(idx).clone() for s in stores]
+            sh = None
+            if self.cfg.augment is not None:
+                sh = torch.zeros(b, 2, dtype=torch.long)
+            a, g = self._train_on(idx, sh, 0.0, None)
+            if not self.last:
+                if self.form == "gs":
+                    self.target_store.scatter_(idx, a)
+                else:
+                    gg = torch.zeros(a.shape, dtype=torch.float32, device=a.device)   # a "g" message
+                    self.target_store.jacobi_update_(self.mult_store, idx, a, gg, self.cfg.beta, self.cfg.gamma)
+            if not self.first:
+                self.input_store.scatter_(idx, self.input_store.gather(idx))
+            for s, r in zip(stores, rows):
+                s.scatter_(idx, r)
+        self.module.load_state_dict(saved_module)
+        self.opt.load_state_dict(saved_opt)
+        self.opt.zero_grad(set_to_none=True)
+        self.stats = saved_stats
 
     def end_epoch(self) -> EpochStats:
         """Drain: receive and apply every outstanding message of this epoch, then flush sends."""
@@ -235,7 +304,7 @@ class StageWorker:
             raise TransportError(f"stage {self.rank}: {len(self._deferred)} messages and "
                                  f"{len(self._pending_a)} pending a_k left after the epoch drain")
         self.tp.flush()
-        return self.stats
+        return self.stats.finalize()
 
     # ---------------------------------------------------------------------------------------
     def init_step(self, t: int) -> None:
@@ -365,5 +434,5 @@ class StageWorker:
             if u_before is not None:
                 u_new = self.mult_store.gather(idx)
                 self.mult_store.scatter_(idx, torch.where(vis, u_new, u_before.to(u_new.dtype)))
-        self.stats.step_num += float((new.float() - before).pow(2).sum())
+        self.stats.add("step_num", (new.float() - before).pow(2).sum())
         self.tp.send(self.rank + 1, "in", step, new)

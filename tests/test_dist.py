@@ -100,14 +100,16 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def spawn_ranks(k: int, argv: list[str], timeout: float = HARD_TIMEOUT) -> list[tuple[int, str]]:
+def spawn_ranks(k: int, argv: list[str], timeout: float = HARD_TIMEOUT,
+                env: dict[str, str] | None = None) -> list[tuple[int, str]]:
     """Start ``k`` processes with torchrun-style variables (RANK, WORLD_SIZE, MASTER_ADDR, ...);
     return (exit status, output) per rank; kill them all when the hard timeout passes."""
     port = str(free_port())
     logs = [tempfile.TemporaryFile(mode="w+") for _ in range(k)]
     procs = [subprocess.Popen(argv, stdout=logs[r], stderr=subprocess.STDOUT, text=True,
                               env=child_env(RANK=str(r), WORLD_SIZE=str(k), LOCAL_RANK=str(r),
-                                            LOCAL_WORLD_SIZE=str(k), MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+                                            LOCAL_WORLD_SIZE=str(k), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                                            **(env or {})))
              for r in range(k)]
     deadline = time.monotonic() + timeout
     while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
@@ -152,10 +154,10 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def run_cases(tmp_path, k: int, cases: list[dict]) -> list[dict]:
+def run_cases(tmp_path, k: int, cases: list[dict], env: dict[str, str] | None = None) -> list[dict]:
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    results = spawn_ranks(k, [sys.executable, str(script), json.dumps(cases), str(tmp_path)])
+    results = spawn_ranks(k, [sys.executable, str(script), json.dumps(cases), str(tmp_path)], env=env)
     for code, text in results:
         assert code == 0, text[-3000:]
     return [torch.load(tmp_path / f"case{i}.pt", weights_only=False) for i in range(len(cases))]
@@ -400,3 +402,69 @@ def test_workers_die_with_a_killed_launcher(tmp_path):
             os.killpg(p.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+# ------------------------------------------------------------------------------------ device synchronisation
+# LAYERPAR_DEBUG_SYNC=1 (layerpar_fast/devsync.py): every point where a CUDA run could synchronise the
+# device first waits until every receive the rank has posted has completed, as a device-wide
+# synchronisation does while NCCL receive kernels spin. batch 12 over 64 samples: an uneven last batch.
+SYNC_CASES = {
+    2: [dict(method="al", al_order="gs", ds=2, batch_size=12),
+        dict(method="al", al_order="jacobi", ds=2, batch_size=12, parallel_augment="shift", delay_rank=1, delay_s=0.01),
+        dict(method="penalty", ds=2, batch_size=12, mult_init="grad")],
+    3: [dict(method="al", al_order="gs", ds=2, batch_size=12, parallel_augment="shift", mult_init="grad"),
+        dict(method="al", al_order="jacobi", ds=2, batch_size=12, delay_rank=0, delay_s=0.01),
+        dict(method="penalty", ds=1, batch_size=12)],
+}
+
+
+@pytest.mark.parametrize("k", [2, 3], ids=["2ranks", "3ranks"])
+def test_no_deadlock_under_emulated_device_synchronisation(tmp_path, k):
+    """The warm-up runs every first call before a phase posts receives: under the emulation every
+    case completes, equal to the single-process run, and only the phase's first epoch (its
+    warm-up) meets synchronisation points."""
+    cases = SYNC_CASES[k]
+    results = run_cases(tmp_path, k, cases, env={"LAYERPAR_DEBUG_SYNC": "1"})
+    for kw, res in zip(cases, results):
+        assert res["ranks_agree"] == 0.0, kw
+        ref, _ = local_run(k, **kw)
+        assert max_diff(res["state"], ref) <= 1e-6, kw
+        par = [r for r in res["records"] if r["phase"] == "parallel"]
+        assert par[0]["debug_sync_points"] > 0 and par[1]["debug_sync_points"] == 0, kw
+
+
+def _train(args: list[str], env: dict[str, str], timeout: float = HARD_TIMEOUT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "layerpar_fast", "train", *args], capture_output=True, text=True,
+                          env=child_env(**env), timeout=timeout)
+
+
+def test_the_order_before_the_warm_up_deadlocks_under_the_emulation(tmp_path):
+    """LAYERPAR_WARMUP=0 (the order before issue 11: receives posted, then first calls) must hang
+    under the emulation and end with the transport's timeout error within seconds."""
+    args = [*QUICK, "--stages", "2", "--schedule", "parallel:2", "--timeout-s", "8"]
+    t0 = time.monotonic()
+    p = _train([*args, "--out", str(tmp_path / "r")], {"LAYERPAR_DEBUG_SYNC": "1", "LAYERPAR_WARMUP": "0"})
+    assert p.returncode != 0, p.stdout + p.stderr
+    err = p.stderr.strip().splitlines()
+    assert "TransportError" in err[-1] and "within 8s (--timeout-s)" in err[-1], err[-1]
+    assert time.monotonic() - t0 < 100
+    # the control: the same order without the emulated synchronisations runs (CPU, gloo)
+    q = _train([*args, "--out", str(tmp_path / "q")], {"LAYERPAR_WARMUP": "0"})
+    assert q.returncode == 0, q.stdout + q.stderr
+
+
+def test_debug_sync_cli_run_equals_the_local_transport(tmp_path):
+    """`LAYERPAR_DEBUG_SYNC=1 layerpar train --dataset embedded --method al --stages 2 --schedule
+    parallel:2` completes and equals --transport local (here on 600 images, last batch uneven)."""
+    common = ["--dataset", "embedded", "--method", "al", "--stages", "2", "--schedule", "parallel:2",
+              "--subset", "600", "--batch-size", "128", "--test-subset", "200", "--kappa-iters", "3",
+              "--bn-recalib-batches", "2", "--no-progress", "--threads", "1", "--timeout-s", "60"]
+    d = _train([*common, "--out", str(tmp_path / "dist")], {"LAYERPAR_DEBUG_SYNC": "1"})
+    assert d.returncode == 0, d.stdout + d.stderr
+    loc = _train([*common, "--transport", "local", "--out", str(tmp_path / "local")], {})
+    assert loc.returncode == 0, loc.stdout + loc.stderr
+    a = torch.load(tmp_path / "dist" / "final_model.pt")
+    b = torch.load(tmp_path / "local" / "final_model.pt")
+    assert max_diff(a, b) <= 1e-6
+    recs = [json.loads(x) for x in open(tmp_path / "dist" / "metrics.jsonl")]
+    assert [r["debug_sync_points"] > 0 for r in recs] == [True, False]
