@@ -75,6 +75,8 @@ VARIANTS: dict[str, list[str]] = {
     "before": [],      # the defaults before issue 16, run from a checkout of commit 19e88e7
     "zero-mult": ["--mult-init", "zero"],       # the multipliers start at 0 (the behaviour before issue 16)
     "grad-mult": ["--mult-init", "grad"],
+    "grad-c2": ["--mult-init", "grad", "--beta-c", "2"],
+    "tail50": ["--tail-share", "0.5"],
 }
 
 

@@ -45,6 +45,7 @@ class Config:
     method: str = "serial"
     epochs: int | None = None
     schedule: str | None = None
+    tail_share: float = 0.25
     # optimisation
     batch_size: int = 128
     eval_batch_size: int = 1000
@@ -98,7 +99,7 @@ class Config:
         epochs = 3 if self.epochs is None else self.epochs
         if self.method == "serial":
             return f"serial:{epochs}"
-        tail = max(1, round(epochs / 4))
+        tail = max(1, round(epochs * self.tail_share))
         par = epochs - 1 - tail
         if par < 1:
             raise ConfigError(
@@ -130,6 +131,7 @@ class Config:
         need(self.device in DEVICES, f"--device {self.device!r} is not one of {', '.join(DEVICES)}")
         need(self.cifar100_labels in ("fine", "coarse"),
              f"--cifar100-labels {self.cifar100_labels!r} is not one of fine, coarse")
+        need(0 < self.tail_share < 1, f"--tail-share must be in (0, 1), got {self.tail_share}")
         need(self.epochs is None or self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
         need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         need(self.eval_batch_size >= 1, f"--eval-batch-size must be >= 1, got {self.eval_batch_size}")

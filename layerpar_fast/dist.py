@@ -91,12 +91,20 @@ def init_process_group(timeout_s: float, backend: str | None = None) -> None:
         if var not in os.environ:
             raise ConfigError(f"{var} is not set; run under torchrun or set it with RANK and WORLD_SIZE")
     backend = backend or backend_for_this_machine()
+    kw: dict[str, Any] = {}
     if backend == "nccl":
         torch.cuda.set_device(env.local_rank)
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        kw["device_id"] = torch.device("cuda", env.local_rank)   # eager communicator creation
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kw)
 
 
 # ------------------------------------------------------------------------------------ transport
+def _on_stream(stream: Any) -> Any:
+    """``torch.cuda.stream(stream)``, or nothing for CPU transports."""
+    import contextlib
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
@@ -138,9 +146,11 @@ class _Inbox:
         tp = self.tp
         posted: deque[tuple[int, torch.Tensor, Any]] = deque()
         timeout = datetime.timedelta(seconds=tp.timeout_s)
+        stream = None
         try:
             if tp.device.type == "cuda":
                 torch.cuda.set_device(tp.device)
+                stream = torch.cuda.Stream(tp.device)   # this channel's receives, off the compute stream
             while True:
                 with self.cv:
                     while not self.closing and not self.todo and not posted:
@@ -151,17 +161,21 @@ class _Inbox:
                     while self.todo and len(posted) + len(take) < tp.depth:
                         take.append(self.todo.popleft())
                 for step, shape, dtype in take:
-                    buf = torch.empty(shape, dtype=dtype, device=tp.device)
-                    work = dist.irecv(buf, self.src, group=tp.group_for(self.tag), tag=TAG_IDS[self.tag])
+                    with _on_stream(stream):
+                        buf = torch.empty(shape, dtype=dtype, device=tp.device)
+                        work = dist.irecv(buf, self.src, group=tp.group_for(self.tag), tag=TAG_IDS[self.tag])
                     posted.append((step, buf, work))
                     with self.cv:
                         self.posted_upto = step
                 step, buf, work = posted.popleft()
-                work.wait(timeout)
-                if buf.is_cuda:  # NCCL's wait only orders streams; the host must see the data
-                    torch.cuda.current_stream(buf.device).synchronize()
+                ev = None
+                with _on_stream(stream):
+                    work.wait(timeout)   # gloo: the data is here; NCCL: the receive stream waits for it
+                    if stream is not None:  # no host wait: the consumer's stream waits on this event
+                        ev = torch.cuda.Event()
+                        ev.record(stream)
                 with self.cv:
-                    self.ready.append((step, buf))
+                    self.ready.append((step, buf, ev))
                     self.completed_upto = step
                     self.inflight -= 1
                     self.cv.notify_all()
@@ -190,11 +204,19 @@ class _Inbox:
                     self.cv.wait(min(left, 1.0))
             elif self.error is not None and not self.ready:
                 raise self._failure(self.delivered + 1)
-            out = list(self.ready)
+            got = list(self.ready)
             self.ready.clear()
+        out = []
+        for step, buf, ev in got:
+            if ev is not None:   # CUDA: order the consumer's stream after the receive, no host wait
+                cur = torch.cuda.current_stream(buf.device)
+                cur.wait_event(ev)
+                buf.record_stream(cur)
+            out.append((step, buf))
+        with self.cv:
             if out:
                 self.delivered = out[-1][0]
-            return out
+        return out
 
     def _failure(self, step: int) -> TransportError:
         e, tp = self.error, self.tp
@@ -250,9 +272,11 @@ class DistTransport(Transport):
         self.max_outstanding = max_outstanding if max_outstanding is not None else 4 * self.depth
         self.device = torch.device(device)
         self._groups: dict[str, Any] = {tag: None for tag in TAGS}
-        if dist.get_backend() == "nccl":
+        self._nccl = dist.get_backend() == "nccl"
+        if self._nccl:
             for tag in TAGS:  # same creation order on every rank
                 self._groups[tag] = dist.new_group(backend="nccl")
+            self._warm_up_channels()
         self._inboxes: dict[tuple[int, str], _Inbox] = {}
         self._outbox: deque[tuple[Any, torch.Tensor, str, int]] = deque()
         self._last_sent: dict[tuple[int, str], int] = {}
@@ -263,6 +287,28 @@ class DistTransport(Transport):
     def _wait_posted(self, what: str) -> None:
         for box in list(self._inboxes.values()):
             box.wait_posted(what)
+
+    def _warm_up_channels(self) -> None:
+        """NCCL creates a communicator per group and rank pair lazily, at the first transfer. Do
+        that here, eagerly, with one tiny exchange between neighbours on every channel group,
+        every rank at once, so that no communicator is ever created on a receive thread while
+        another channel's receives spin (a device synchronisation; see devsync.py)."""
+        dev = self.device
+        for tag in TAGS:
+            ops = []
+            bufs = []
+            for peer in (self.rank - 1, self.rank + 1):
+                if 0 <= peer < self.world:
+                    out = torch.zeros(1, device=dev)
+                    inc = torch.empty(1, device=dev)
+                    bufs += [out, inc]
+                    ops += [dist.P2POp(dist.isend, out, peer, group=self._groups[tag]),
+                            dist.P2POp(dist.irecv, inc, peer, group=self._groups[tag])]
+            if ops:
+                for work in dist.batch_isend_irecv(ops):
+                    work.wait()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)   # start-up: nothing is posted yet
 
     def group_for(self, tag: str) -> Any:
         return self._groups[tag]
@@ -302,7 +348,14 @@ class DistTransport(Transport):
         work, _, tag, dst = self._outbox.popleft()
         t0 = time.perf_counter()
         try:
-            work.wait(datetime.timedelta(seconds=self.timeout_s))
+            if self._nccl:   # wait on the host for completion; work.wait() would make the compute stream wait
+                deadline = time.monotonic() + self.timeout_s
+                while not work.is_completed():
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"not completed after {self.timeout_s:g}s")
+                    time.sleep(1e-4)
+            else:
+                work.wait(datetime.timedelta(seconds=self.timeout_s))
         except RuntimeError as e:
             raise TransportError(f"rank {self.rank}: a {tag!r} message to rank {dst} did not leave within "
                                  f"{self.timeout_s:g}s or the link broke: {_first_line(e)}") from None
