@@ -71,7 +71,6 @@ def _all_gather(obj: Any) -> list[Any]:
 def worker(argv: list[str]) -> int:
     """One rank of the measurement (started by the elastic launcher; see ``epoch``)."""
     from layerpar_fast.dist import DistTrainer, init_process_group
-    from layerpar_fast.trainer import HybridTrainer
 
     p = argparse.ArgumentParser()
     p.add_argument("--repeats", type=int, required=True)
@@ -100,7 +99,7 @@ def worker(argv: list[str]) -> int:
                 if rank == 0:
                     torch.set_num_threads(1 if v == "serial_1t" else 2)
                     t0 = time.perf_counter()
-                    rec = HybridTrainer._serial_epoch(tr, rep)
+                    rec = tr._serial_epoch_local(rep)
                     res[v] = {"epoch_s": time.perf_counter() - t0, "data_s": rec["data_s"],
                               "compute_s": rec["compute_s"]}
                     torch.set_num_threads(1)

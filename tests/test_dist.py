@@ -196,15 +196,16 @@ CASES_3 = [
 def test_distributed_run_equals_single_process_run(tmp_path, k, cases):
     """2 parallel epochs + 1 serial epoch on one worker (penalty, AL gs/jacobi, s = 1, 2, with an
     artificial delay on one rank): the same parameters as the single-process engine (≤ 1e-6).
-    The data-parallel serial phase differs only by per-rank BatchNorm statistics: it stays close."""
+    The data-parallel serial phase equals the single-process simulation of its ranks (≤ 1e-5)."""
     results = run_cases(tmp_path, k, cases)
     for kw, res in zip(cases, results):
         assert res["ranks_agree"] == 0.0, kw
         ref, ref_records = local_run(k, **kw)
         diff = max_diff(res["state"], ref)
         if kw.get("serial_on") == "all":
-            assert all(torch.isfinite(t).all() for t in res["state"].values() if t.is_floating_point()), kw
-            assert diff < 0.5, (kw, diff)
+            # the single-process run simulates the K data-parallel ranks (same shares, per-rank
+            # BatchNorm batches and running statistics): equal up to the all-reduce's float order
+            assert diff <= 1e-5, (kw, diff)
         else:
             assert diff <= 1e-6, (kw, diff)
         par = [r for r in res["records"] if r["phase"] == "parallel"]

@@ -305,7 +305,7 @@ def test_warm_multipliers_change_the_first_parallel_epoch_of_every_stage():
         start = [[p.detach().clone() for p in s.parameters()] for s in tr.stages]
         tr._enter_parallel(0, 0)
         tr._parallel_epoch(0)
-        moved[init] = [max(float((a - b).abs().max()) for a, b in zip(start[k], s.parameters()))
+        moved[init] = [max(float((a - b.detach()).abs().max()) for a, b in zip(start[k], s.parameters()))
                        for k, s in enumerate(tr.stages)]
     assert moved["zero"][0] < 1e-6 and moved["zero"][-1] > 1e-4
     assert all(m > 1e-4 for m in moved["grad"])

@@ -1,0 +1,99 @@
+"""Evaluation of the assembled network (ALGORITHM.md §6): BatchNorm recalibration after a
+parallel epoch, the serial forward pass in eval mode (and the DS forward with U∘D at every cut),
+each sharded over the ranks of the run's topology (one rank: the plain computation, bit for bit).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .monitors import frozen_bn_stats
+
+
+class Evaluation:
+    """Mixin of :class:`~layerpar_fast.trainer.HybridTrainer`: evaluation and recalibration."""
+
+    def recalibrate_bn(self, epoch: int) -> None:
+        """Re-estimate BatchNorm running statistics of stages 1..K-1 (0-based) on true activations:
+        serial forward passes in train mode without gradients; stage 0's statistics are kept.
+        Sharded over the ranks: rank r averages the statistics of batches r, r+R, ... of the
+        recalibration set; the cumulative averages are then combined, weighted by batch counts
+        (the average one process computes, up to float rounding; exactly it for one rank)."""
+        mods = self._recal_modules()
+        if not mods:
+            return
+        topo = self.topology
+        batches = self.plain_loader.batches(epoch)[: self.cfg.bn_recalib_batches]
+        mine = batches[topo.rank::topo.world]
+        self._recal_on(mods, mine)
+        with torch.no_grad():
+            topo.mean_([t for m in mods for t in (m.running_mean, m.running_var)], len(mine), max(1, len(batches)))
+            for m in mods:
+                m.num_batches_tracked.fill_(len(batches))
+
+    def _recal_modules(self) -> list[nn.modules.batchnorm._BatchNorm]:
+        """The BatchNorm layers that recalibration re-estimates (none when it is turned off)."""
+        if self.cfg.bn_recalib_batches == 0:
+            return []
+        return [m for s in self.stages[1:] for m in s.modules()
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+    def _recal_on(self, mods: list[nn.modules.batchnorm._BatchNorm], batches: list[Any]) -> None:
+        """Reset ``mods``' running statistics to the cumulative average over ``batches``."""
+        saved_m = [m.momentum for m in mods]
+        for m in mods:
+            m.reset_running_stats()
+            m.momentum = None
+        fn = self._input_fn()
+        self.model.train()
+        with torch.no_grad(), frozen_bn_stats(self.stages[0]):
+            for idx in batches:
+                self.model(fn(idx))
+        for m, mom in zip(mods, saved_m):
+            m.momentum = mom
+
+    def eval_forward(self, x: torch.Tensor, ds_forward: bool = False) -> torch.Tensor:
+        """The assembled network's forward; ``ds_forward`` inserts U∘D at every cut."""
+        if not ds_forward:
+            return self.model(x)
+        h = x
+        for k, stage in enumerate(self.stages):
+            h = stage(h)
+            if k < len(self.stages) - 1:
+                h = self.filt.up(self.filt.down(h))
+        return h
+
+    @torch.no_grad()
+    @torch.no_grad()
+    def evaluate(self, ds_forward: bool = False) -> tuple[float, float]:
+        """(test loss, test accuracy) of the assembled network in eval mode; ``ds_forward``
+        inserts U∘D at every cut (the network the parallel phase actually trained). Each rank
+        evaluates every R-th test batch; the sums are float64."""
+        topo = self.topology
+        self.model.eval()
+        sums = torch.zeros(3, dtype=torch.float64)
+        for i, idx in enumerate(self.test_loader.batches(0)):
+            if i % topo.world != topo.rank:
+                continue
+            _, x, y = self.test_loader.load(idx)
+            out = self.eval_forward(x, ds_forward)
+            sums += torch.tensor([float(F.cross_entropy(out, y, reduction="sum")),
+                                  float((out.argmax(1) == y).sum()), len(y)], dtype=torch.float64)
+        self.model.train()
+        sums = topo.sum_(sums, self.device)
+        return float(sums[0] / sums[2]), float(sums[1] / sums[2])
+
+    def _evaluate_epoch(self, phase: str) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        if phase == "parallel":
+            self.recalibrate_bn(self.epoch)
+        loss, acc = self.evaluate()
+        rec = {"test_loss": loss, "test_acc": acc}
+        if phase == "parallel" and self.cfg.ds > 1:
+            rec["ds_test_loss"], rec["ds_test_acc"] = self.evaluate(ds_forward=True)
+        rec["eval_time_s"] = time.perf_counter() - t0
+        return rec
