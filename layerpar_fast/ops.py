@@ -250,6 +250,25 @@ def _last_positions(idx: torch.Tensor) -> torch.Tensor | None:
     return perm[keep]
 
 
+def _device_index(idx: torch.Tensor, n: int, what: str,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A row index validated on the host and moved to ``device``, with the positions of each
+    row's last occurrence (None when no row repeats), also computed on the host: no device
+    synchronisation for the CPU indices the engine uses (a GPU index is copied to the host
+    first, which does synchronise: pass CPU indices)."""
+    if not isinstance(idx, torch.Tensor):
+        idx = torch.as_tensor(idx)
+    if idx.device.type != "cpu":
+        devsync.sync_point(f"{what}: a {idx.device.type} row index read on the host")
+        idx = idx.cpu()
+    idx = _check_index(idx, n, what)
+    last = _last_positions(idx)
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        return idx, last
+    return idx.to(dev, non_blocking=True), None if last is None else last.to(dev, non_blocking=True)
+
+
 def _cpu_index(idx: torch.Tensor) -> torch.Tensor:
     return idx if idx.device.type == "cpu" else idx.cpu()
 
@@ -398,8 +417,7 @@ def jacobi_update_(lam_store: torch.Tensor, u_store: torch.Tensor | None, idx: t
     if backend == "cpp" and fast:
         return _cpp().jacobi_update_(lam_store, u_store, _cpu_index(idx), a.to("cpu", torch.float32),
                                      g.to("cpu", torch.float32), float(beta), float(gamma))
-    idx = _check_index(idx, lam_store.shape[0], "jacobi_update_", lam_store.device)
-    last = _last_positions(idx)
+    idx, last = _device_index(idx, lam_store.shape[0], "jacobi_update_", lam_store.device)
     if backend == "triton" and fast:
         dev = lam_store.device
         return _kernel("k_lambda_step").lambda_step_(lam_store, u_store, idx, a.to(dev), g.to(dev), float(beta),
@@ -432,7 +450,7 @@ def gather_rows(store: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | None
         if out is None:
             out = torch.empty(shape, dtype=store.dtype, pin_memory=_pinned_available())
         return _cpp().gather_rows_out(store, _cpu_index(idx), out)
-    idx = _check_index(idx, store.shape[0], "gather_rows", store.device)
+    idx, _ = _device_index(idx, store.shape[0], "gather_rows", store.device)
     if out is None:
         return ref.gather_rows(store, idx)
     return torch.index_select(store, 0, idx, out=out)
@@ -445,10 +463,9 @@ def scatter_rows_(store: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) ->
     if backend == "cpp" and _contig_store(store):
         _cpp().scatter_rows_(store, _cpu_index(idx), rows.to("cpu"))
         return
-    idx = _check_index(idx, store.shape[0], "scatter_rows_", store.device)
+    idx, last = _device_index(idx, store.shape[0], "scatter_rows_", store.device)
     if rows.shape[0] != idx.numel():
         raise ValueError(f"scatter_rows_: {rows.shape[0]} rows for {idx.numel()} indices")
-    last = _last_positions(idx)
     if last is not None:
         idx, rows = idx[last], rows[last.to(rows.device)]
     ref.scatter_rows_(store, idx, rows)
@@ -466,7 +483,7 @@ def stage_input(store: torch.Tensor, idx: torch.Tensor, filt: FilterPair,
             z = _cpp().upsample_rows(store, _cpu_index(idx), filt.s, 1.0, torch.float64, channels_last)
             return z.float()
         return _cpp().upsample_rows(store, _cpu_index(idx), filt.s, 1.0, torch.float32, channels_last)
-    idx = _check_index(idx, store.shape[0], "stage_input", store.device)
+    idx, _ = _device_index(idx, store.shape[0], "stage_input", store.device)
     if backend == "triton" and fused:
         return _kernel("k_upsample").upsample(store, idx, filt.s, torch.float32, channels_last)
     return ref.stage_input(store, idx, filt, channels_last)

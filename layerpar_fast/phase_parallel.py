@@ -280,7 +280,7 @@ class ParallelPhase:
             if bar is not None and (time.perf_counter() - shown > 1.0 or t == len(batches) - 1):
                 last, shown = workers[-1].stats, time.perf_counter()   # monitors read at most once a second
                 _bar_update(bar, last.peek("loss_sum") / last.samples, last.peek("correct") / last.samples, seen,
-                            sum(w.stats.compute_s + w.stats.data_s for w in workers))
+                            time.perf_counter() - t0)
             else:
                 _bar_step(bar)
         stats = [w.end_epoch() for w in workers]

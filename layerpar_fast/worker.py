@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import devsync, ops
-from .profiling import nvtx_range
+from .profiling import Clock, nvtx_range
 from .auxstore import AuxStore
 from .filters import FilterPair
 from .paraug import ShiftAugment
@@ -134,6 +134,7 @@ class StageWorker:
         self._recv_upto = {"in": -1, "g": -1}  # highest step received per incoming tag
         self._shifts: dict[int, torch.Tensor] = {}  # step -> (B, 2) pixel shifts of its view
         self.stats = EpochStats()
+        self.clock = Clock(device)
         self.mode = "train"
 
     # ---------------------------------------------------------------------------------------
@@ -154,6 +155,7 @@ class StageWorker:
         self._shifts.clear()
         self._recv_upto = {"in": -1, "g": -1}
         self.stats = EpochStats()
+        self.clock = Clock(self.device)
         self.module.train()
         self._announce(mode)
 
@@ -187,7 +189,7 @@ class StageWorker:
         if not self.last and self.form == "gs":   # Gauss-Seidel: send a_k right after the forward
             send_a = lambda a: self.tp.send(self.rank + 1, "in", t, a.to(self.target_store.dtype))  # noqa: E731
         a, g = self._train_on(idx, sh, min(self.lr(t), self.cfg.lr_cap), send_a)
-        t2 = time.perf_counter()
+        t2 = self.clock.now()
         if g is not None:
             self.tp.send(self.rank - 1, "g", t, g)
         self.done = t
@@ -197,7 +199,7 @@ class StageWorker:
             else:
                 self._pending_a[t] = a
         self._drain_ready()
-        self.stats.update_s += time.perf_counter() - t2
+        self.clock.add("update_s", t2, self.clock.now())
 
     def _train_on(self, idx: torch.Tensor, sh: torch.Tensor | None, lr: float,
                   send_a: Callable[[torch.Tensor], None] | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -205,7 +207,8 @@ class StageWorker:
         returns (a_k or None, g_{k-1} or None). No host synchronisation: the monitors accumulate
         on the device (EpochStats) and are read once per epoch."""
         aug = self.cfg.augment
-        t0 = time.perf_counter()
+        clock = self.clock
+        t0 = clock.now()
         if self.first:
             z_in = z = self.input_fn(idx)
             if sh is not None:
@@ -216,8 +219,8 @@ class StageWorker:
         if not self.last:
             target = self.target_store.gather(idx)
             mult = self.mult_store.gather(idx) if self.mult_store is not None else None
-        t1 = time.perf_counter()
-        self.stats.data_s += t1 - t0
+        t1 = clock.now()
+        clock.add("data_s", t0, t1)
 
         for group in self.opt.param_groups:
             group["lr"] = lr
@@ -255,7 +258,7 @@ class StageWorker:
         st.add("loss_sum", loss.detach().double() * b)
         st.samples += b
         g = None if self.first else ops.coarse_input_grad(z_in.grad, self.filt)
-        st.compute_s += time.perf_counter() - t1
+        clock.add("compute_s", t1, clock.now())
         return a, g
 
     def warm_up(self, sizes: list[int]) -> None:
@@ -269,6 +272,7 @@ class StageWorker:
         saved_module = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
         saved_opt = copy.deepcopy(self.opt.state_dict())
         saved_stats, self.stats = self.stats, EpochStats()
+        saved_clock, self.clock = self.clock, Clock(self.device)
         stores = [s for s in (self.input_store, self.target_store, self.mult_store) if s is not None]
         for b in sorted(set(sizes)):
             idx = torch.arange(b)
@@ -290,7 +294,7 @@ class StageWorker:
         self.module.load_state_dict(saved_module)
         self.opt.load_state_dict(saved_opt)
         self.opt.zero_grad(set_to_none=True)
-        self.stats = saved_stats
+        self.stats, self.clock = saved_stats, saved_clock
 
     def end_epoch(self) -> EpochStats:
         """Drain: receive and apply every outstanding message of this epoch, then flush sends."""
@@ -304,6 +308,8 @@ class StageWorker:
             raise TransportError(f"stage {self.rank}: {len(self._deferred)} messages and "
                                  f"{len(self._pending_a)} pending a_k left after the epoch drain")
         self.tp.flush()
+        for name in ("data_s", "compute_s", "update_s"):   # device time on a GPU (one read per epoch)
+            setattr(self.stats, name, self.clock.total(name))
         return self.stats.finalize()
 
     # ---------------------------------------------------------------------------------------
