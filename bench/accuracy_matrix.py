@@ -54,7 +54,7 @@ def _cell(name: str, dataset: str, size: str, augment: str, epochs: int) -> None
 
 for _size in ("10k", "full"):
     for _aug in ("none", "shift"):
-        for _e in (4, 12):
+        for _e in (4, 8, 12):
             _cell(f"mnist-{_size}-{'aug' if _aug != 'none' else 'noaug'}-e{_e}", "mnist", _size, _aug, _e)
     for _aug in ("none", "crop_flip"):
         for _e in (10, 18):
@@ -63,7 +63,8 @@ for _size in ("10k", "full"):
 # groups of cells, cheapest first: "quick" exposes the gaps (short budgets, no augmentation,
 # small training sets) in minutes per run
 GROUPS = {
-    "quick": ["mnist-10k-noaug-e4", "cifar10-10k-noaug-e10", "mnist-10k-noaug-e12", "cifar10-10k-aug-e10"],
+    "quick": ["mnist-10k-noaug-e4", "mnist-10k-noaug-e8", "cifar10-10k-noaug-e10", "mnist-10k-noaug-e12",
+              "cifar10-10k-aug-e10"],
     "mnist": [c for c in CELLS if c.startswith("mnist")],
     "cifar10": [c for c in CELLS if c.startswith("cifar10")],
     "all": list(CELLS),
