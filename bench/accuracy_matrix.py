@@ -78,6 +78,9 @@ VARIANTS: dict[str, list[str]] = {
     "grad-mult": ["--mult-init", "grad"],
     "grad-c2": ["--mult-init", "grad", "--beta-c", "2"],
     "tail50": ["--tail-share", "0.5"],
+    "stale": ["--stage-lr", "staleness"],
+    "grad-stale": ["--mult-init", "grad", "--stage-lr", "staleness"],
+    "grad-stale-tail50": ["--mult-init", "grad", "--stage-lr", "staleness", "--tail-share", "0.5"],
 }
 
 

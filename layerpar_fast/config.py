@@ -26,6 +26,7 @@ BALANCE = ("time", "flops")
 PHASES = ("serial", "parallel", "idle")
 PARALLEL_AUGMENTS = ("none", "shift", "shift_flip")
 MULT_INITS = ("zero", "grad")
+STAGE_LRS = ("uniform", "staleness")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -70,6 +71,7 @@ class Config:
     gamma: float = 0.5
     al_order: str = "gs"
     mult_init: str = "zero"
+    stage_lr: str = "uniform"
     window: int = 2
     parallel_augment: str = "none"
     aux_dtype: str = "fp32"
@@ -126,6 +128,7 @@ class Config:
         need(self.serial_on in SERIAL_ON, f"--serial-on {self.serial_on!r} is not one of {', '.join(SERIAL_ON)}")
         need(self.parallel_augment in PARALLEL_AUGMENTS,
              f"--parallel-augment {self.parallel_augment!r} is not one of {', '.join(PARALLEL_AUGMENTS)}")
+        need(self.stage_lr in STAGE_LRS, f"--stage-lr {self.stage_lr!r} is not one of {', '.join(STAGE_LRS)}")
         need(self.mult_init in MULT_INITS, f"--mult-init {self.mult_init!r} is not one of {', '.join(MULT_INITS)}")
         need(self.balance in BALANCE, f"--balance {self.balance!r} is not one of {', '.join(BALANCE)}")
         need(self.device in DEVICES, f"--device {self.device!r} is not one of {', '.join(DEVICES)}")

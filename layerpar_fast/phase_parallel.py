@@ -149,10 +149,16 @@ class ParallelPhase:
                             st["input"][k], st["target"][k], st["mult"][k], self.device)
                 for k, tp in zip(owned, tps)]
 
+    def _stage_lr_scale(self, k: int) -> float:
+        """--stage-lr staleness: stage k's signal is K-1-k visits old (each hop adds one), so its
+        learning rate is the scheduled one divided by K-k (the last stage: 1); uniform: 1."""
+        return 1.0 / (len(self.stages) - k) if self.cfg.stage_lr == "staleness" else 1.0
+
     def _settings(self) -> list[WorkerSettings]:
         cfg, ps = self.cfg, self.phase_state
         return [WorkerSettings(method=cfg.method, order=cfg.al_order if cfg.method == "al" else "jacobi",
                                beta=ps.betas[k], gamma=cfg.gamma, window=cfg.window, lr_cap=ps.lr_caps[k],
+                               lr_scale=self._stage_lr_scale(k),
                                channels_last=cfg.channels_last, label_smoothing=cfg.label_smoothing,
                                augment=self.shift_aug)
                 for k in range(len(self.stages))]
@@ -317,7 +323,7 @@ class ParallelPhase:
             if i < k - 1:
                 d["kappa"] = ps.kappas[i]
                 d["beta"] = ps.betas[i]
-                d["lr_beta_kappa"] = min(lr, ps.lr_caps[i]) * ps.betas[i] * ps.kappas[i]
+                d["lr_beta_kappa"] = min(lr * self._stage_lr_scale(i), ps.lr_caps[i]) * ps.betas[i] * ps.kappas[i]
         n = self.data.num_train
         in_bytes = self._store_dtype_bytes()
         coarse = [self.filt.coarse_shape(s) for s in self.cut_shapes]

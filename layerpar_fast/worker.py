@@ -42,6 +42,7 @@ class WorkerSettings:
     gamma: float             # λ-step weight (Jacobi)
     window: int              # W: max steps ahead of awaited neighbour messages
     lr_cap: float = math.inf # stage learning-rate cap (ALGORITHM.md §3)
+    lr_scale: float = 1.0    # this stage's share of the scheduled lr (--stage-lr)
     channels_last: bool = False
     label_smoothing: float = 0.0
     augment: ShiftAugment | None = None  # shift views of the parallel phase (paraug.py)
@@ -188,7 +189,7 @@ class StageWorker:
         send_a = None
         if not self.last and self.form == "gs":   # Gauss-Seidel: send a_k right after the forward
             send_a = lambda a: self.tp.send(self.rank + 1, "in", t, a.to(self.target_store.dtype))  # noqa: E731
-        a, g = self._train_on(idx, sh, min(self.lr(t), self.cfg.lr_cap), send_a)
+        a, g = self._train_on(idx, sh, min(self.lr(t) * self.cfg.lr_scale, self.cfg.lr_cap), send_a)
         t2 = self.clock.now()
         if g is not None:
             self.tp.send(self.rank - 1, "g", t, g)
