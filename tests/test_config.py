@@ -70,3 +70,22 @@ def test_config_files(tmp_path):
 
 def test_defaults_are_valid():
     Config().validate()
+
+
+def test_tail_share_sets_the_default_schedule():
+    assert make_config(method="al", epochs=8).resolved_schedule() == "serial:1,parallel:5,serial:2"
+    assert make_config(method="al", epochs=8, tail_share=0.5).resolved_schedule() == "serial:1,parallel:3,serial:4"
+    assert make_config(method="al", epochs=18, tail_share=0.5).resolved_schedule() == "serial:1,parallel:8,serial:9"
+    for bad in (0.0, 1.0, -0.2):
+        with pytest.raises(ConfigError, match="--tail-share"):
+            make_config(method="al", epochs=8, tail_share=bad)
+    with pytest.raises(ConfigError, match="too few"):
+        make_config(method="al", epochs=3, tail_share=0.5)
+
+
+def test_stage_lr_and_mult_init_choices_are_checked():
+    assert make_config(method="al", stage_lr="staleness", mult_init="grad").stage_lr == "staleness"
+    with pytest.raises(ConfigError, match="--stage-lr 'fast' is not one of uniform, staleness"):
+        make_config(method="al", stage_lr="fast")
+    with pytest.raises(ConfigError, match="--mult-init 'ones' is not one of zero, grad"):
+        make_config(method="al", mult_init="ones")

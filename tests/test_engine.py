@@ -309,3 +309,16 @@ def test_warm_multipliers_change_the_first_parallel_epoch_of_every_stage():
                        for k, s in enumerate(tr.stages)]
     assert moved["zero"][0] < 1e-6 and moved["zero"][-1] > 1e-4
     assert all(m > 1e-4 for m in moved["grad"])
+
+
+def test_staleness_stage_lr_divides_stage_k_by_k_minus_k():
+    tr = trainer(method="al", stage_lr="staleness")          # K = 3
+    assert [tr._stage_lr_scale(k) for k in range(3)] == [1 / 3, 1 / 2, 1.0]
+    tr._enter_parallel(0, 0)
+    assert [s.lr_scale for s in tr._settings()] == [1 / 3, 1 / 2, 1.0]
+    seen = []
+    tr.optimizers[0].step = lambda *a, _o=tr.optimizers[0], _s=tr.optimizers[0].step: (
+        seen.append(_o.param_groups[0]["lr"]), _s())[1]
+    tr._parallel_epoch(0)
+    step0 = tr.lr_at(0)
+    assert seen and abs(seen[0] - step0 / 3) < 1e-12
