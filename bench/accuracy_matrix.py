@@ -78,6 +78,7 @@ VARIANTS: dict[str, list[str]] = {
     "grad-mult": ["--mult-init", "grad"],
     "grad-c2": ["--mult-init", "grad", "--beta-c", "2"],
     "tail50": ["--tail-share", "0.5"],
+    "tail67": ["--tail-share", "0.67"],
     "stale": ["--stage-lr", "staleness"],
     "grad-stale": ["--mult-init", "grad", "--stage-lr", "staleness"],
     "grad-stale-tail50": ["--mult-init", "grad", "--stage-lr", "staleness", "--tail-share", "0.5"],
