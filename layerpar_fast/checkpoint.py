@@ -77,6 +77,7 @@ class Checkpoints:
             "cuts": self.cuts,
             "model": self.model.state_dict(),
             "optimizers": [o.state_dict() for o in self.optimizers],
+            "scalers": [sc.state_dict() for sc in [*self.scalers, self.serial_scaler]],
             "records": self.records,
             "wall_offset": self.wall_offset,
             "phase_state": None if self.phase_state is None else vars(self.phase_state),
@@ -103,6 +104,9 @@ class Checkpoints:
         self.model.load_state_dict(state["model"])
         for opt, s in zip(self.optimizers, state["optimizers"]):
             opt.load_state_dict(s)
+        for sc, s in zip([*self.scalers, self.serial_scaler], state.get("scalers") or []):
+            if s:       # fp16 loss scales (empty for a disabled scaler)
+                sc.load_state_dict(s)
         self.epoch = state["epoch"]
         self.records = state["records"]
         self.wall_offset = state["wall_offset"]

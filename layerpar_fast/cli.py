@@ -47,6 +47,7 @@ _TRAIN_OPTIONS: dict[str, tuple[Any, str]] = {
     "beta_c": (float, "c in the automatic beta_k = c/(lr*kappa_k)"),
     "gamma": (float, "lambda-step weight gamma in (0, 1] (Jacobi order and penalty)"),
     "al_order": (str, f"augmented-Lagrangian update order: {', '.join(AL_ORDERS)}"),
+    "amp": (str, "mixed precision of the stages' forward passes: off, bf16 (CPU and GPU), fp16 (GPU, with loss scaling)"),
     "stage_lr": (str, "learning rate of the stages in parallel phases: uniform, or staleness (stage k's lr divided "
                       "by K-k: its signal is K-1-k epochs old)"),
     "mult_init": (str, "multipliers at the start of a parallel phase: grad (one back-propagation pass over the "

@@ -27,6 +27,7 @@ PHASES = ("serial", "parallel", "idle")
 PARALLEL_AUGMENTS = ("none", "shift", "shift_flip")
 MULT_INITS = ("zero", "grad")
 STAGE_LRS = ("uniform", "staleness")
+AMPS = ("off", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -42,6 +43,7 @@ class Config:
     # model
     model: str = "mnist_resnet"
     channels_last: bool = False
+    amp: str = "off"
     # method and schedule
     method: str = "serial"
     epochs: int | None = None
@@ -128,6 +130,7 @@ class Config:
         need(self.serial_on in SERIAL_ON, f"--serial-on {self.serial_on!r} is not one of {', '.join(SERIAL_ON)}")
         need(self.parallel_augment in PARALLEL_AUGMENTS,
              f"--parallel-augment {self.parallel_augment!r} is not one of {', '.join(PARALLEL_AUGMENTS)}")
+        need(self.amp in AMPS, f"--amp {self.amp!r} is not one of {', '.join(AMPS)}")
         need(self.stage_lr in STAGE_LRS, f"--stage-lr {self.stage_lr!r} is not one of {', '.join(STAGE_LRS)}")
         need(self.mult_init in MULT_INITS, f"--mult-init {self.mult_init!r} is not one of {', '.join(MULT_INITS)}")
         need(self.balance in BALANCE, f"--balance {self.balance!r} is not one of {', '.join(BALANCE)}")

@@ -50,7 +50,7 @@ class Evaluation:
             m.momentum = None
         fn = self._input_fn()
         self.model.train()
-        with torch.no_grad(), frozen_bn_stats(self.stages[0]):
+        with torch.no_grad(), frozen_bn_stats(self.stages[0]), self.precision.autocast():
             for idx in batches:
                 self.model(fn(idx))
         for m, mom in zip(mods, saved_m):
@@ -80,7 +80,8 @@ class Evaluation:
             if i % topo.world != topo.rank:
                 continue
             _, x, y = self.test_loader.load(idx)
-            out = self.eval_forward(x, ds_forward)
+            with self.precision.autocast():
+                out = self.eval_forward(x, ds_forward).float()
             sums += torch.tensor([float(F.cross_entropy(out, y, reduction="sum")),
                                   float((out.argmax(1) == y).sum()), len(y)], dtype=torch.float64)
         self.model.train()

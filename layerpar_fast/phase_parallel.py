@@ -146,7 +146,7 @@ class ParallelPhase:
         tps = self.topology.transports(owned, n)
         return [StageWorker(k, n, self.stages[k], self.optimizers[k], tp, settings[k], self.filt,
                             self.data.x_train, self._parallel_labels(), self._input_fn() if k == 0 else None,
-                            st["input"][k], st["target"][k], st["mult"][k], self.device)
+                            st["input"][k], st["target"][k], st["mult"][k], self.device, scaler=self.scalers[k])
                 for k, tp in zip(owned, tps)]
 
     def _stage_lr_scale(self, k: int) -> float:
@@ -158,7 +158,7 @@ class ParallelPhase:
         cfg, ps = self.cfg, self.phase_state
         return [WorkerSettings(method=cfg.method, order=cfg.al_order if cfg.method == "al" else "jacobi",
                                beta=ps.betas[k], gamma=cfg.gamma, window=cfg.window, lr_cap=ps.lr_caps[k],
-                               lr_scale=self._stage_lr_scale(k),
+                               lr_scale=self._stage_lr_scale(k), precision=self.precision,
                                channels_last=cfg.channels_last, label_smoothing=cfg.label_smoothing,
                                augment=self.shift_aug)
                 for k in range(len(self.stages))]

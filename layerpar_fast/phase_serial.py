@@ -70,12 +70,14 @@ class SerialPhase:
             else:
                 parts = [(x[n * r // r_count:n * (r + 1) // r_count], y[n * r // r_count:n * (r + 1) // r_count], r)
                          for r in range(r_count)]
+            scaler = self.serial_scaler
             for xs, ys, r in parts:
                 if r is not None:
                     _load_bn(bns, shard_bufs[r])
-                out = self.model(xs)
-                loss_sum = F.cross_entropy(out, ys, reduction="sum", label_smoothing=cfg.label_smoothing)
-                (loss_sum / n).backward()
+                with self.precision.autocast():
+                    out = self.model(xs)
+                loss_sum = F.cross_entropy(out.float(), ys, reduction="sum", label_smoothing=cfg.label_smoothing)
+                scaler.scale(loss_sum / n).backward()
                 if r is not None:
                     _save_bn(bns, shard_bufs[r])
                 sums += torch.stack([loss_sum.detach().double(), (out.detach().argmax(1) == ys).sum().double(),
@@ -84,7 +86,8 @@ class SerialPhase:
                 for r in range(r_count):
                     _save_bn(bns, shard_bufs[r])
             for opt in self.optimizers:
-                opt.step()
+                scaler.step(opt)
+            scaler.update()
             t_prev = time.perf_counter()
             t_comp += t_prev - t1
             if bar is not None and (t_prev - shown > 1.0 or t == len(loader) - 1):
@@ -153,13 +156,15 @@ class SerialPhase:
             t_data += t1 - t_prev
             lr = self.lr_at(step0 + t)
             self._set_lr(lr)
-            out = ddp(x)
-            loss_sum = F.cross_entropy(out, y, reduction="sum", label_smoothing=cfg.label_smoothing)
+            with self.precision.autocast():
+                out = ddp(x)
+            loss_sum = F.cross_entropy(out.float(), y, reduction="sum", label_smoothing=cfg.label_smoothing)
             for opt in self.optimizers:
                 opt.zero_grad(set_to_none=True)
-            (loss_sum * scale).backward()
+            self.serial_scaler.scale(loss_sum * scale).backward()
             for opt in self.optimizers:
-                opt.step()
+                self.serial_scaler.step(opt)
+            self.serial_scaler.update()
             if n >= 2 * k or r == 0:
                 sums += torch.tensor([float(loss_sum.detach()), float((out.detach().argmax(1) == y).sum()), len(y)],
                                      dtype=torch.float64)

@@ -35,6 +35,7 @@ from .metrics import JsonlWriter, atomic_write_json, environment
 from .models import build_model, cut_points
 from .phase_parallel import ParallelPhase, PhaseState
 from .phase_serial import SerialPhase
+from .precision import Precision
 from .progress import _summary_line
 from .staging import StagedModel, as_block_sequence, parse_cuts, split_model
 from .topology import DistTopology, LocalTopology, Topology
@@ -71,6 +72,9 @@ class HybridTrainer(ParallelPhase, SerialPhase, Evaluation, Checkpoints):
         self.cfg = cfg
         self.log = log if log is not None else _log_default
         self.device = _pick_device(cfg)
+        if cfg.amp == "fp16" and self.device.type != "cuda":
+            raise ConfigError("--amp fp16 needs a GPU (CPU autocast supports bf16); use --amp bf16 or off")
+        self.precision = Precision(cfg.amp, self.device)
         threads = cfg.threads or max(1, (os.cpu_count() or 1) // max(1, topo.local_workers()))
         torch.set_num_threads(threads)
         self.threads = threads
@@ -105,6 +109,8 @@ class HybridTrainer(ParallelPhase, SerialPhase, Evaluation, Checkpoints):
             self.log("warning: a parallel phase with one stage is plain back-propagation without "
                      "augmentation; use --stages K (K >= 2) for layer-parallel training")
         self.optimizers = [self._make_optimizer(s) for s in self.stages]
+        self.scalers = [self.precision.scaler() for _ in self.stages]   # fp16: one per stage (parallel phase)
+        self.serial_scaler = self.precision.scaler()
         self.steps_per_epoch = math.ceil(ds.num_train / cfg.batch_size)
         self.total_epochs = cfg.total_epochs()
         self.total_steps = self.total_epochs * self.steps_per_epoch

@@ -29,6 +29,7 @@ from .profiling import Clock, nvtx_range
 from .auxstore import AuxStore
 from .filters import FilterPair
 from .paraug import ShiftAugment
+from .precision import Precision, inverse_scale
 from .transport import Transport, TransportError
 
 
@@ -43,6 +44,7 @@ class WorkerSettings:
     window: int              # W: max steps ahead of awaited neighbour messages
     lr_cap: float = math.inf # stage learning-rate cap (ALGORITHM.md §3)
     lr_scale: float = 1.0    # this stage's share of the scheduled lr (--stage-lr)
+    precision: Precision | None = None   # --amp (autocast of the stage's forward; fp16: loss scaling)
     channels_last: bool = False
     label_smoothing: float = 0.0
     augment: ShiftAugment | None = None  # shift views of the parallel phase (paraug.py)
@@ -112,7 +114,8 @@ class StageWorker:
                  x_train: torch.Tensor | None, y_train: torch.Tensor | None,
                  input_fn: Callable[[torch.Tensor], torch.Tensor] | None,
                  input_store: AuxStore | None, target_store: AuxStore | None,
-                 mult_store: AuxStore | None, device: torch.device) -> None:
+                 mult_store: AuxStore | None, device: torch.device,
+                 scaler: "torch.amp.GradScaler | None" = None) -> None:
         self.rank, self.world = rank, world
         self.first, self.last = rank == 0, rank == world - 1
         self.module, self.opt, self.tp = module, optimizer, transport
@@ -120,6 +123,8 @@ class StageWorker:
         self.y_train = y_train
         self.input_fn = input_fn          # first stage: idx -> normalised images on device
         self.input_store, self.target_store, self.mult_store = input_store, target_store, mult_store
+        self.prec = settings.precision or Precision("off", device)
+        self.scaler = scaler if scaler is not None else self.prec.scaler()
         self.form = "gs" if (settings.method == "al" and settings.order == "gs") else "jacobi"
         if not self.first and input_store is None:
             raise ValueError(f"stage {rank} needs an input store")
@@ -226,13 +231,13 @@ class StageWorker:
         for group in self.opt.param_groups:
             group["lr"] = lr
         devsync.first_call(f"stage{self.rank}/forward+backward", z)   # kernel loads, cuDNN search
-        with nvtx_range(f"stage{self.rank}/forward"):
+        with nvtx_range(f"stage{self.rank}/forward"), self.prec.autocast():
             o = self.module(z)
         b = len(idx)
         st = self.stats
         if self.last:
             y = self.y_train[idx].to(self.device, non_blocking=True)
-            loss = F.cross_entropy(o, y, label_smoothing=self.cfg.label_smoothing)
+            loss = F.cross_entropy(o.float(), y, label_smoothing=self.cfg.label_smoothing)
             st.add("correct", (o.detach().argmax(1) == y).sum())
             a = None
         else:
@@ -252,13 +257,20 @@ class StageWorker:
             if send_a is not None:
                 send_a(a)
         self.opt.zero_grad(set_to_none=True)
+        scaler = self.scaler
         with nvtx_range(f"stage{self.rank}/backward"):
-            loss.backward()
+            scaler.scale(loss).backward()
+        g = None
+        if not self.first:
+            g = ops.coarse_input_grad(z_in.grad, self.filt)
+            inv = inverse_scale(scaler, g.device)
+            if inv is not None:     # fp16: unscale; an overflowed step sends zeros, not inf
+                g = torch.nan_to_num(g * inv, nan=0.0, posinf=0.0, neginf=0.0)
         devsync.first_call(f"stage{self.rank}/optimizer_step")
-        self.opt.step()
+        scaler.step(self.opt)
+        scaler.update()
         st.add("loss_sum", loss.detach().double() * b)
         st.samples += b
-        g = None if self.first else ops.coarse_input_grad(z_in.grad, self.filt)
         clock.add("compute_s", t1, clock.now())
         return a, g
 
@@ -272,6 +284,7 @@ class StageWorker:
             return
         saved_module = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
         saved_opt = copy.deepcopy(self.opt.state_dict())
+        saved_scaler = copy.deepcopy(self.scaler.state_dict())
         saved_stats, self.stats = self.stats, EpochStats()
         saved_clock, self.clock = self.clock, Clock(self.device)
         stores = [s for s in (self.input_store, self.target_store, self.mult_store) if s is not None]
@@ -294,6 +307,8 @@ class StageWorker:
                 s.scatter_(idx, r)
         self.module.load_state_dict(saved_module)
         self.opt.load_state_dict(saved_opt)
+        if saved_scaler:
+            self.scaler.load_state_dict(saved_scaler)
         self.opt.zero_grad(set_to_none=True)
         self.stats, self.clock = saved_stats, saved_clock
 
@@ -324,7 +339,8 @@ class StageWorker:
         idx = self.batches[t]
         with torch.no_grad():
             z = self.input_fn(idx) if self.first else self.input_store.stage_input(idx, self.filt, self.cfg.channels_last)
-            o = self.module(z)
+            with self.prec.autocast():
+                o = self.module(z)
             if not self.last:
                 a = self.filt.down(o.float())
                 self.target_store.scatter_(idx, a)
@@ -360,15 +376,20 @@ class StageWorker:
             g_t = next(m for tag, step, m in self._deferred if tag == "g" and step == t)
         if not self.first:
             z = self.input_store.stage_input(idx, self.filt, self.cfg.channels_last).requires_grad_(True)
-            o = self.module(z)
+            with self.prec.autocast():
+                o = self.module(z)
             if self.last:
                 y = self.y_train[idx].to(self.device, non_blocking=True)
-                loss = F.cross_entropy(o, y, label_smoothing=self.cfg.label_smoothing)
+                loss = F.cross_entropy(o.float(), y, label_smoothing=self.cfg.label_smoothing)
             else:
                 target = self.target_store.gather(idx)
                 loss, _ = ops.local_loss(o, target, g_t.to(target.dtype), self.cfg.beta, "gs", self.filt)
-            (grad_z,) = torch.autograd.grad(loss, z)
-            self.tp.send(self.rank - 1, "g", t, ops.coarse_input_grad(grad_z, self.filt))
+            (grad_z,) = torch.autograd.grad(self.scaler.scale(loss), z)
+            g = ops.coarse_input_grad(grad_z, self.filt)
+            inv = inverse_scale(self.scaler, g.device)
+            if inv is not None:
+                g = torch.nan_to_num(g * inv, nan=0.0, posinf=0.0, neginf=0.0)
+            self.tp.send(self.rank - 1, "g", t, g)
         if not self.last and self.form == "jacobi":
             self._pending_a[t] = self.target_store.gather(idx).float()   # a = λ̃ right after the fill
         self.done = t

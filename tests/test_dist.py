@@ -179,6 +179,7 @@ CASES_2 = [
     dict(method="al", al_order="gs", ds=2, parallel_augment="shift_flip", delay_rank=0, delay_s=0.02),
     dict(method="al", al_order="gs", ds=2, mult_init="grad", delay_rank=1, delay_s=0.02),
     dict(method="al", al_order="jacobi", ds=2, mult_init="grad", parallel_augment="shift", delay_rank=0, delay_s=0.02),
+    dict(method="al", al_order="gs", ds=2, amp="bf16", delay_rank=1, delay_s=0.02),
 ]
 CASES_3 = [
     dict(method="al", al_order="gs", ds=2),

@@ -182,8 +182,8 @@ def test_low_precision_stores_run(dtype):
     assert all(torch.isfinite(p).all() for p in params(tr.model))
 
 
-@pytest.mark.parametrize("extra", [{}, dict(augment="crop_flip", parallel_augment="shift_flip")],
-                         ids=["plain", "shift_flip"])
+@pytest.mark.parametrize("extra", [{}, dict(augment="crop_flip", parallel_augment="shift_flip"), dict(amp="bf16")],
+                         ids=["plain", "shift_flip", "bf16"])
 def test_resume_inside_a_parallel_phase(tmp_path, extra):
     full = trainer(tmp_path / "full", schedule="serial:1,parallel:3,serial:1", **extra)
     full.run()
@@ -322,3 +322,27 @@ def test_staleness_stage_lr_divides_stage_k_by_k_minus_k():
     tr._parallel_epoch(0)
     step0 = tr.lr_at(0)
     assert seen and abs(seen[0] - step0 / 3) < 1e-12
+
+
+# ------------------------------------------------------------------------------ mixed precision
+def test_bf16_autocast_runs_the_stages_in_bf16_and_the_method_in_fp32():
+    """--amp bf16: stage forwards run in bf16 (the module output is bf16), the local losses, stores
+    and messages stay fp32 (the store dtype), and the run differs from fp32 but stays close."""
+    seen = []
+    tr = trainer(method="al", amp="bf16", schedule="serial:1,parallel:1")
+    hook = tr.stages[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    tr.run()
+    hook.remove()
+    assert torch.bfloat16 in seen
+    assert all(s.table.dtype == torch.float32 for lst in (tr.stores or {}).values() for s in lst if s is not None)
+    ref = trainer(method="al", schedule="serial:1,parallel:1")
+    ref.run()
+    diffs = [float((a.float() - b.float()).abs().max()) for a, b in zip(params(tr.model), params(ref.model))
+             if a.is_floating_point()]
+    assert 0 < max(diffs) < 0.5
+
+
+def test_fp16_on_cpu_is_refused_before_work():
+    from layerpar_fast.config import ConfigError
+    with pytest.raises(ConfigError, match="--amp fp16 needs a GPU"):
+        trainer(method="al", amp="fp16")
