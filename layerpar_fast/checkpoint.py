@@ -79,6 +79,7 @@ class Checkpoints:
             "optimizers": [o.state_dict() for o in self.optimizers],
             "scalers": [sc.state_dict() for sc in [*self.scalers, self.serial_scaler]],
             "records": self.records,
+            "plan": self.plan,
             "wall_offset": self.wall_offset,
             "phase_state": None if self.phase_state is None else vars(self.phase_state),
             "aux": self._aux_checkpoint(),
@@ -109,6 +110,8 @@ class Checkpoints:
                 sc.load_state_dict(s)
         self.epoch = state["epoch"]
         self.records = state["records"]
+        if state.get("plan") is not None:   # a parallel phase may have been ended early (--switch-drift)
+            self.plan = [tuple(p) for p in state["plan"]]
         self.wall_offset = state["wall_offset"]
         ps = state.get("phase_state")
         self.phase_state = PhaseState(**ps) if ps else None

@@ -49,6 +49,7 @@ class Config:
     epochs: int | None = None
     schedule: str | None = None
     tail_share: float = 0.25
+    switch_drift: float | None = None
     # optimisation
     batch_size: int = 128
     eval_batch_size: int = 1000
@@ -137,6 +138,8 @@ class Config:
         need(self.device in DEVICES, f"--device {self.device!r} is not one of {', '.join(DEVICES)}")
         need(self.cifar100_labels in ("fine", "coarse"),
              f"--cifar100-labels {self.cifar100_labels!r} is not one of fine, coarse")
+        need(self.switch_drift is None or self.switch_drift > 0,
+             f"--switch-drift must be > 0, got {self.switch_drift}")
         need(0 < self.tail_share < 1, f"--tail-share must be in (0, 1), got {self.tail_share}")
         need(self.epochs is None or self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
         need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")

@@ -128,6 +128,7 @@ class HybridTrainer(ParallelPhase, SerialPhase, Evaluation, Checkpoints):
                                        shuffle=False, augment=None, seed=cfg.seed, device=self.device,
                                        channels_last=cfg.channels_last)
         self.epoch = 0
+        self.plan = self.epoch_plan()      # may change: --switch-drift ends a parallel phase early
         self.records: list[dict[str, Any]] = []
         self.phase_state: PhaseState | None = None
         self.stores: dict[str, list[Any]] | None = None
@@ -215,7 +216,7 @@ class HybridTrainer(ParallelPhase, SerialPhase, Evaluation, Checkpoints):
         if self.out_dir and main and self.epoch == 0:
             atomic_write_json(os.path.join(self.out_dir, "config.json"), cfg.to_dict())
         t_start = time.perf_counter() - self.wall_offset
-        plan = self.epoch_plan()
+        plan = self.plan
         self.log(f"layerpar_fast {__version__}: {cfg.model} on {self.data.name} "
                  f"({self.data.num_train} train / {self.data.num_test} test), method {cfg.method}, "
                  f"schedule {cfg.resolved_schedule()}, {self.total_epochs} epochs, "
@@ -240,6 +241,14 @@ class HybridTrainer(ParallelPhase, SerialPhase, Evaluation, Checkpoints):
             if writer:
                 writer.write(rec)
             self.log(_summary_line(rec, self.total_epochs))
+            if phase == "parallel" and j < n - 1 and should_switch(rec.get("violation") or [], cfg.switch_drift):
+                rest = n - 1 - j
+                rec["switched_to_serial"] = True
+                for i in range(rest):
+                    plan[self.epoch + 1 + i] = (pidx, "serial", i, rest)
+                j = n - 1               # the phase ends with this epoch
+                self.log(f"drift {max(rec['violation']):.3f} > --switch-drift {cfg.switch_drift:g}: the parallel "
+                         f"phase ends after epoch {self.epoch + 1}; its remaining {rest} epoch(s) run serial")
             self.epoch += 1
             if phase == "parallel" and j == n - 1:
                 self.stores = None
@@ -352,3 +361,12 @@ def _augment_kind(augment: str, ds: Dataset) -> str | None:
 
 def _mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
+
+
+def should_switch(violations: list[float], threshold: float | None) -> bool:
+    """The --switch-drift rule: end the parallel phase when any stage's drift ‖a − λ̃‖/‖λ̃‖ of the
+    epoch just finished exceeds ``threshold`` (its outputs have moved away from what the next
+    stage trained on; NaN counts as exceeding). Off when ``threshold`` is None."""
+    if threshold is None or not violations:
+        return False
+    return any(not (v <= threshold) for v in violations)

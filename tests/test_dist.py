@@ -190,6 +190,7 @@ CASES_3 = [
     dict(method="penalty", ds=2, parallel_augment="shift_flip", delay_rank=2, delay_s=0.02),
     dict(method="al", al_order="gs", ds=2, mult_init="grad", delay_rank=2, delay_s=0.02),
     dict(method="penalty", ds=2, mult_init="grad", delay_rank=0, delay_s=0.02),
+    dict(method="al", ds=2, schedule="parallel:3", switch_drift=1e-9, delay_rank=1, delay_s=0.01),  # same switch
 ]
 
 
@@ -211,6 +212,7 @@ def test_distributed_run_equals_single_process_run(tmp_path, k, cases):
             assert diff <= 1e-6, (kw, diff)
         par = [r for r in res["records"] if r["phase"] == "parallel"]
         assert par and all(r["ranks"] == k for r in par)
+        assert [r["phase"] for r in res["records"]] == [r["phase"] for r in ref_records], kw
         counters = par[-1]["transport"]
         assert len(counters) == k
         assert counters[0]["bytes_sent"]["in"] > 0 and counters[-1]["bytes_sent"]["g"] > 0

@@ -346,3 +346,41 @@ def test_fp16_on_cpu_is_refused_before_work():
     from layerpar_fast.config import ConfigError
     with pytest.raises(ConfigError, match="--amp fp16 needs a GPU"):
         trainer(method="al", amp="fp16")
+
+
+# ------------------------------------------------------------------------------ --switch-drift
+def test_switch_rule_on_synthetic_drifts():
+    from layerpar_fast.trainer import should_switch
+    assert not should_switch([0.05, 0.1], None)            # off
+    assert not should_switch([], 0.2)
+    assert not should_switch([0.05, 0.2], 0.2)            # at the bound: keep going
+    assert should_switch([0.05, 0.21], 0.2)
+    assert should_switch([float("nan"), 0.0], 0.2)        # a diverged stage ends the phase
+
+
+def test_switch_drift_ends_the_parallel_phase_and_resumes_exactly(tmp_path):
+    """A tiny bound ends the parallel phase after its first epoch; the remaining epochs of the phase
+    run serial; a run killed after the switch resumes to the same parameters and phases."""
+    kw = dict(schedule="serial:1,parallel:3,serial:1", switch_drift=1e-9)
+    full = trainer(tmp_path / "full", **kw)
+    full.run()
+    assert [r["phase"] for r in full.records] == ["serial", "parallel", "serial", "serial", "serial"]
+    assert full.records[1].get("switched_to_serial") is True
+
+    class Kill(Exception):
+        pass
+
+    def killer(msg):
+        if msg.startswith("epoch   4/"):
+            raise Kill
+
+    cut = trainer(tmp_path / "cut", **kw)
+    cut.log = killer
+    with pytest.raises(Kill):
+        cut.run()
+    resumed = HybridTrainer(cut.cfg, str(tmp_path / "cut"), data=tiny_data(), model=tiny_model(), cuts=[2, 3],
+                            log=lambda m: None, resume=True)
+    assert resumed.epoch == 3 and [p[1] for p in resumed.plan] == ["serial", "parallel", "serial", "serial", "serial"]
+    resumed.run()
+    assert_same(params(full.model), params(resumed.model))
+    assert [r["phase"] for r in resumed.records] == [r["phase"] for r in full.records]
