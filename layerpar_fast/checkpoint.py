@@ -79,7 +79,7 @@ class Checkpoints:
             "optimizers": [o.state_dict() for o in self.optimizers],
             "scalers": [sc.state_dict() for sc in [*self.scalers, self.serial_scaler]],
             "records": self.records,
-            "plan": self.plan,
+            "switches": self.switches,
             "wall_offset": self.wall_offset,
             "phase_state": None if self.phase_state is None else vars(self.phase_state),
             "aux": self._aux_checkpoint(),
@@ -110,8 +110,10 @@ class Checkpoints:
                 sc.load_state_dict(s)
         self.epoch = state["epoch"]
         self.records = state["records"]
-        if state.get("plan") is not None:   # a parallel phase may have been ended early (--switch-drift)
-            self.plan = [tuple(p) for p in state["plan"]]
+        from .trainer import _end_phase_after
+        self.switches = list(state.get("switches") or [])
+        for e in self.switches:             # parallel phases ended early (--switch-drift)
+            _end_phase_after(self.plan, e)
         self.wall_offset = state["wall_offset"]
         ps = state.get("phase_state")
         self.phase_state = PhaseState(**ps) if ps else None

@@ -129,6 +129,7 @@ class HybridTrainer(ParallelPhase, SerialPhase, Evaluation, Checkpoints):
                                        channels_last=cfg.channels_last)
         self.epoch = 0
         self.plan = self.epoch_plan()      # may change: --switch-drift ends a parallel phase early
+        self.switches: list[int] = []      # epochs after which a parallel phase was ended early
         self.records: list[dict[str, Any]] = []
         self.phase_state: PhaseState | None = None
         self.stores: dict[str, list[Any]] | None = None
@@ -242,13 +243,13 @@ class HybridTrainer(ParallelPhase, SerialPhase, Evaluation, Checkpoints):
                 writer.write(rec)
             self.log(_summary_line(rec, self.total_epochs))
             if phase == "parallel" and j < n - 1 and should_switch(rec.get("violation") or [], cfg.switch_drift):
-                rest = n - 1 - j
                 rec["switched_to_serial"] = True
-                for i in range(rest):
-                    plan[self.epoch + 1 + i] = (pidx, "serial", i, rest)
+                self.switches.append(self.epoch)
+                _end_phase_after(plan, self.epoch)
                 j = n - 1               # the phase ends with this epoch
                 self.log(f"drift {max(rec['violation']):.3f} > --switch-drift {cfg.switch_drift:g}: the parallel "
-                         f"phase ends after epoch {self.epoch + 1}; its remaining {rest} epoch(s) run serial")
+                         f"phase ends after epoch {self.epoch + 1}; its remaining {n - 1 - plan[self.epoch][2]} "
+                         "epoch(s) run serial")
             self.epoch += 1
             if phase == "parallel" and j == n - 1:
                 self.stores = None
@@ -361,6 +362,15 @@ def _augment_kind(augment: str, ds: Dataset) -> str | None:
 
 def _mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
+
+
+def _end_phase_after(plan: list[tuple[int, str, int, int]], epoch: int) -> None:
+    """In place: the parallel phase running at ``epoch`` (0-based) ends there; its remaining
+    epochs become serial epochs."""
+    pidx, _, j, n = plan[epoch]
+    rest = n - 1 - j
+    for i in range(rest):
+        plan[epoch + 1 + i] = (pidx, "serial", i, rest)
 
 
 def should_switch(violations: list[float], threshold: float | None) -> bool:
