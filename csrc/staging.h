@@ -5,6 +5,10 @@
 // side stream, recording an event; take() makes the current stream wait on that event and
 // hands the device rows over. Called for batch t+1 while batch t computes, the copy overlaps
 // the computation. A slot's pinned buffer is reused only after its previous copy finished.
+//
+// What the ring accepts (the same rule as the Python front end, ops.StagingRing, which checks it
+// before calling this class): ticket n uses slot n % slots; prefetch() of ticket n is refused
+// while ticket n - slots has not been taken; take() accepts any pending ticket, in any order.
 #pragma once
 
 #ifdef LAYERPAR_WITH_CUDA

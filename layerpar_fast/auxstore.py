@@ -40,6 +40,11 @@ class AuxStore(ABC):
                        g: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
         """The Jacobi λ-step (+ multiplier step on ``mult``) on rows ``idx``; returns new rows."""
 
+    def plan(self, batches: "list[torch.Tensor]") -> None:
+        """The index tensors the worker will read next, in order (an epoch's batches, told at
+        ``StageWorker.begin_epoch``): a store may stage them ahead (hoststore.HostAuxStore).
+        The default ignores it."""
+
     @abstractmethod
     def zero_(self) -> None:
         """Set every row to 0."""

@@ -59,6 +59,9 @@ _TRAIN_OPTIONS: dict[str, tuple[Any, str]] = {
                               "auxiliary variables shifted with them (multiples of the cuts' coarse stride); "
                               "shift_flip adds mirror images with auxiliary variables of their own (2x memory)"),
     "aux_dtype": (str, f"storage dtype of the auxiliary variables: {', '.join(AUX_DTYPES)}"),
+    "aux_device": (str, "where the auxiliary stores live: device (the compute device), host (pinned host memory, "
+                        "rows prefetched to the device batch by batch), auto (host when the stores would take "
+                        "more than 25% of the free GPU memory; on a CPU: device)"),
     "kappa_iters": (int, "power iterations for the local-loss curvature kappa_k"),
     "bn_recalib_batches": (int, "batches of BatchNorm recalibration after parallel epochs"),
     "transport": (str, f"{', '.join(TRANSPORTS)}: local = all stages in this process"),

@@ -19,6 +19,7 @@ METHODS = ("serial", "penalty", "al")
 LR_SCHEDULES = ("cosine", "linear", "multistep", "constant")
 AUGMENTS = ("auto", "none", "crop_flip", "shift")
 AUX_DTYPES = ("fp32", "bf16", "fp16")
+AUX_DEVICES = ("auto", "device", "host")
 AL_ORDERS = ("gs", "jacobi")
 TRANSPORTS = ("auto", "local", "dist")
 SERIAL_ON = ("all", "one")
@@ -78,6 +79,7 @@ class Config:
     window: int = 2
     parallel_augment: str = "none"
     aux_dtype: str = "fp32"
+    aux_device: str = "auto"
     kappa_iters: int = 20
     bn_recalib_batches: int = 200
     transport: str = "auto"
@@ -126,6 +128,8 @@ class Config:
              f"--lr-schedule {self.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
         need(self.augment in AUGMENTS, f"--augment {self.augment!r} is not one of {', '.join(AUGMENTS)}")
         need(self.aux_dtype in AUX_DTYPES, f"--aux-dtype {self.aux_dtype!r} is not one of {', '.join(AUX_DTYPES)}")
+        need(self.aux_device in AUX_DEVICES,
+             f"--aux-device {self.aux_device!r} is not one of {', '.join(AUX_DEVICES)}")
         need(self.al_order in AL_ORDERS, f"--al-order {self.al_order!r} is not one of {', '.join(AL_ORDERS)}")
         need(self.transport in TRANSPORTS, f"--transport {self.transport!r} is not one of {', '.join(TRANSPORTS)}")
         need(self.serial_on in SERIAL_ON, f"--serial-on {self.serial_on!r} is not one of {', '.join(SERIAL_ON)}")

@@ -545,9 +545,20 @@ class StagingRing:
     ``t = ring.prefetch(store, idx)`` gathers ``store[idx]`` into the next pinned slot and starts
     its host->device copy on a side stream; ``ring.take(t)`` returns the device rows, ordered
     after the copy on the current stream. Call ``prefetch`` for batch t+1 before computing batch
-    t and the copy overlaps the computation. At most ``slots`` tickets may be pending. CUDA
-    devices use the C++ ring when the extension was built with CUDA, else the same algorithm
-    with torch streams/events; a CPU device degenerates to a plain gather.
+    t and the copy overlaps the computation. CUDA devices use the C++ ring when the extension
+    was built with CUDA, else the same algorithm with torch streams/events; a CPU device
+    degenerates to a plain gather.
+
+    **What a ring accepts** (the same for every backend; the C++ ring, csrc/staging.*, checks
+    the same rule): tickets are numbered 0, 1, 2, ... in prefetch order and ticket n uses slot
+    ``n % slots``. A ``prefetch`` is refused (RuntimeError, "... pending ...") while the ticket
+    that last used its slot, n - slots, has not been taken: a slot is reused only after its rows
+    were handed over. (So at most ``slots`` tickets are in flight, and fewer when tickets are
+    taken out of order: with 2 slots, prefetch 0, prefetch 1, take 1, prefetch 2 is refused
+    because ticket 0 still holds slot 0.) ``take`` accepts any pending ticket, in any order; a
+    ticket that is not pending (never issued, or already taken) raises KeyError. This class
+    checks the rule itself before calling the native ring, so both give the same exception
+    type and message for the same sequence (tests/test_hoststore.py).
     """
 
     def __init__(self, slots: int = 2, device: str | torch.device = "cuda") -> None:
@@ -573,11 +584,17 @@ class StagingRing:
         """Gather ``store[idx]`` and start moving it to the device; returns a ticket."""
         if store.device.type != "cpu":
             raise ValueError(f"StagingRing.prefetch: the store must be a CPU tensor, got {store.device}")
-        if self._native is not None:
-            return int(self._native.prefetch(store, _cpu_index(idx)))
-        if len(self._pending) >= self.slots:
-            raise RuntimeError(f"StagingRing.prefetch: {self.slots} tickets pending; take() one first")
         ticket, slot = self._next, self._next % self.slots
+        if ticket - self.slots in self._pending:
+            raise RuntimeError(f"StagingRing.prefetch: ticket {ticket - self.slots} is still pending in slot {slot} "
+                               f"({len(self._pending)} of {self.slots} tickets pending); take() it first")
+        if self._native is not None:
+            native = int(self._native.prefetch(store, _cpu_index(idx)))
+            if native != ticket:
+                raise RuntimeError(f"StagingRing: the native ring issued ticket {native}, expected {ticket}")
+            self._pending[ticket] = (None, None)
+            self._next += 1
+            return ticket
         if self.device.type != "cuda":
             self._pending[ticket] = (gather_rows(store, idx), None)
             self._next += 1
@@ -603,10 +620,11 @@ class StagingRing:
 
     def take(self, ticket: int) -> torch.Tensor:
         """The rows of ``ticket`` on the device, safe to use on the current stream."""
-        if self._native is not None:
-            return self._native.take(int(ticket))
         if ticket not in self._pending:
             raise KeyError(f"StagingRing.take: no pending ticket {ticket}")
+        if self._native is not None:
+            self._pending.pop(ticket)
+            return self._native.take(int(ticket))
         rows, event = self._pending.pop(ticket)
         if event is not None:
             cur = torch.cuda.current_stream(self.device)

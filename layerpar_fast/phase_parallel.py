@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from . import devsync, ops
 from .auxstore import TensorAuxStore
+from .hoststore import HostAuxStore, pinning_available
 from .config import ConfigError
 from .data import _CIFAR_PAD, _MNIST_SHIFT, _affine
 from .metrics import speedup_model
@@ -61,6 +62,23 @@ class ParallelPhase:
     def _store_dtype_bytes(self) -> int:
         return {"fp32": 4, "bf16": 2, "fp16": 2}[self.cfg.aux_dtype]
 
+    #: --aux-device auto keeps the stores in host memory when they would take more than this
+    #: share of the free device memory
+    AUX_AUTO_SHARE = 0.25
+
+    def _aux_placement(self, need: int) -> tuple[str, str]:
+        """("device" | "host", why) for stores of ``need`` bytes on this rank (--aux-device)."""
+        choice, dev = self.cfg.aux_device, self.device
+        if choice != "auto":
+            return choice, f"--aux-device {choice}"
+        if dev.type != "cuda":
+            return "device", "--aux-device auto, compute device is the CPU"
+        free, _total = torch.cuda.mem_get_info(dev)
+        share = need / max(free, 1)
+        where = "host" if share > self.AUX_AUTO_SHARE else "device"
+        return where, (f"--aux-device auto: {share:.0%} of the {free / 2**20:.0f} MiB free on {dev}, "
+                       f"{'more' if where == 'host' else 'not more'} than {self.AUX_AUTO_SHARE:.0%}")
+
     def _make_stores(self) -> dict[str, list[Any]]:
         cfg, n = self.cfg, self.data.num_train
         if self.flip_views is not None:      # a row per sample and view (paraug.FlipViews)
@@ -68,21 +86,42 @@ class ParallelPhase:
         k = len(self.stages)
         coarse = [self.filt.coarse_shape(s) for s in self.cut_shapes]
         dev = self.device
+        own = self.topology.owns
+        mine = {"input": [i for i in range(k - 1) if own(i + 1)], "target": [i for i in range(k - 1) if own(i)],
+                "mult": [i for i in range(k - 1) if cfg.method == "al" and own(i)]}
+        need = sum(n * math.prod(coarse[i]) * self._store_dtype_bytes() for cuts in mine.values() for i in cuts)
+        where, why = self._aux_placement(need)
+        if where == "host":
+            pinned, no_pin = pinning_available()
+            if dev.type != "cuda" or not pinned:
+                if not getattr(self, "_aux_host_notice", False):   # one notice per run
+                    reason = "the compute device is the CPU" if dev.type != "cuda" else no_pin
+                    self.log(f"notice: --aux-device host: pinned memory unavailable ({reason}); the host "
+                             "stores use ordinary memory" + (" and no side streams" if dev.type != "cuda" else ""))
+                    self._aux_host_notice = True
 
         def store(shape: tuple[int, ...]) -> TensorAuxStore:
+            if where == "host":
+                return HostAuxStore(n, shape, cfg.aux_dtype, compute_device=dev)
             return TensorAuxStore(n, shape, cfg.aux_dtype, device=dev, compute_device=dev)
 
-        own = self.topology.owns
         stores: dict[str, list[Any]] = {
-            "input": [None] + [store(coarse[i]) if own(i + 1) else None for i in range(k - 1)],
-            "target": [store(coarse[i]) if own(i) else None for i in range(k - 1)] + [None],
-            "mult": [store(coarse[i]) if cfg.method == "al" and own(i) else None for i in range(k - 1)] + [None],
+            "input": [None] + [store(coarse[i]) if i in mine["input"] else None for i in range(k - 1)],
+            "target": [store(coarse[i]) if i in mine["target"] else None for i in range(k - 1)] + [None],
+            "mult": [store(coarse[i]) if i in mine["mult"] else None for i in range(k - 1)] + [None],
         }
         total = sum(s.memory_bytes() for lst in stores.values() for s in lst if s is not None)
         views = " (both mirror views)" if self.flip_views is not None else ""
-        self.log(f"auxiliary stores: {total / 2**20:.1f} MiB in {cfg.aux_dtype} "
-                 f"(cuts {[tuple(c) for c in coarse]} coarse, s={cfg.ds}, {n} rows{views})")
+        if where == "host":
+            place = "pinned host memory" if dev.type == "cuda" and pinning_available()[0] else "host memory"
+            place += f", rows prefetched to {dev}" if dev.type == "cuda" else ""
+        else:
+            place = str(dev)
+        rank = f" on rank {self.topology.rank}" if self.topology.world > 1 else ""
+        self.log(f"auxiliary stores{rank}: {total / 2**20:.1f} MiB in {cfg.aux_dtype} in {place} ({why}; "
+                 f"cuts {[tuple(c) for c in coarse]} coarse, s={cfg.ds}, {n} rows{views})")
         self.aux_bytes = total
+        self.aux_where = where
         return stores
 
     def _shift_augment(self) -> ShiftAugment | None:
@@ -293,7 +332,8 @@ class ParallelPhase:
         stats[0].sync_points = self._take_sync_points()
         wall = time.perf_counter() - t0
         _bar_close(bar)
-        mine = ([(w.rank, s, w.tp.counters()) for w, s in zip(workers, stats)], wall, getattr(self, "aux_bytes", 0))
+        mine = ([(w.rank, s, w.tp.counters()) for w, s in zip(workers, stats)], wall, getattr(self, "aux_bytes", 0),
+                getattr(self, "aux_where", "device"))
         every = topo.gather(mine)
         per_stage = sorted((x for part in every for x in part[0]), key=lambda x: x[0])
         topo.sync_stages(self.stages, self.optimizers)
@@ -301,6 +341,7 @@ class ParallelPhase:
         rec["aux_memory_bytes"] = sum(part[2] for part in every)      # every rank's stores
         if topo.world > 1:
             rec["aux_memory_bytes_per_rank"] = [part[2] for part in every]
+            rec["aux_device_per_rank"] = [part[3] for part in every]
             walls = [part[1] for part in every]
             rec["parallel_wall_s"] = max(walls)
             rec["parallel_wall_per_rank_s"] = walls
@@ -346,6 +387,7 @@ class ParallelPhase:
             "bytes_per_cut": cut_bytes,
             "bytes_per_cut_full_resolution": full_bytes,
             "aux_memory_bytes": getattr(self, "aux_bytes", 0),
+            "aux_device": getattr(self, "aux_where", "device"),    # where this rank's stores live
             "speedup_model": {"T_d": t_data, "T_fb_serial_est": sum(compute), "max_stage": max(compute),
                               "t_lambda": t_lambda, "t_comm_exposed": t_comm, "rho_pred": rho},
             "transport": [tp.counters() for tp in transports],

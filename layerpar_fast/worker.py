@@ -155,6 +155,9 @@ class StageWorker:
             raise ValueError(f"begin_epoch: unknown pass {init!r}")
         self.epoch, self.batches, self.lr = epoch, batches, lr
         self.mode = mode
+        for store in (self.input_store, self.target_store, self.mult_store):
+            if store is not None:           # rows are read in batch order: a store may stage them ahead
+                store.plan(batches)
         self.done = -1
         self._deferred.clear()
         self._pending_a.clear()
