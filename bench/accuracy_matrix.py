@@ -79,6 +79,7 @@ VARIANTS: dict[str, list[str]] = {
     "grad-c2": ["--mult-init", "grad", "--beta-c", "2"],
     "tail50": ["--tail-share", "0.5"],
     "tail67": ["--tail-share", "0.67"],
+    "serial-one": ["--serial-on", "one"],      # serial epochs on whole batches (one rank)
     "drift15": ["--switch-drift", "0.15"],
     "drift25": ["--switch-drift", "0.25"],
     "tail50-drift15": ["--tail-share", "0.5", "--switch-drift", "0.15"],
@@ -185,6 +186,34 @@ def cmd_run(args: argparse.Namespace) -> int:
         atomic_write_json(res_path, {"runs": results, "environment": environment()})
         report(results, args)
     report(results, args)
+    return 0
+
+
+def cmd_collect(args: argparse.Namespace) -> int:
+    """Collect every finished run under OUT that results.json lacks (no training)."""
+    res_path = os.path.join(args.out, "results.json")
+    results = _load(res_path)
+    for cell in sorted(os.listdir(args.out)) if os.path.isdir(args.out) else []:
+        if cell not in CELLS:
+            continue
+        for name in sorted(os.listdir(os.path.join(args.out, cell))):
+            key, d = f"{cell}/{name}", os.path.join(args.out, cell, name)
+            if key in results or not finished(d):
+                continue
+            arm, _, rest = name.rpartition("-seed")
+            if not rest.isdigit():
+                continue
+            variant, _, k = arm.rpartition("-K")
+            k_val = int(k) if k.isdigit() else None
+            if k_val is None:
+                variant = arm
+            if variant not in VARIANTS and variant != "serial":
+                continue
+            cmd = train_command(cell, variant, k_val, int(rest), args, d)
+            results[key] = collect(d, cmd)
+            print(f"collected {key}: {results[key]['test_acc']:.2f}%", flush=True)
+            atomic_write_json(res_path, {"runs": {**_load(res_path), key: results[key]}, "environment": environment()})
+    report(_load(res_path), args)
     return 0
 
 
@@ -307,7 +336,7 @@ def plot(tables: dict[str, list[dict[str, Any]]], path: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name in ("run", "report"):
+    for name in ("run", "report", "collect"):
         q = sub.add_parser(name)
         q.add_argument("--out", default="runs/accuracy_matrix", help="run directories and results.json")
         q.add_argument("--json", default=os.path.join(HERE, "results", "accuracy_matrix.json"))
@@ -315,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         q.add_argument("--png", default=os.path.join(HERE, "results", "accuracy_matrix.png"))
         q.add_argument("--variants", default="default",
                        help="variants in the report (the first one is the json's matrix)")
-        if name == "run":
+        if name in ("run", "collect"):
             q.add_argument("--cells", default="quick", help=f"cells or groups ({', '.join(GROUPS)})")
             q.add_argument("--ks", default="2,4")
             q.add_argument("--seeds", default="0")
@@ -326,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.cmd == "run":
         return cmd_run(args)
+    if args.cmd == "collect":
+        return cmd_collect(args)
     report(_load(os.path.join(args.out, "results.json")), args)
     print(open(args.md).read())
     return 0

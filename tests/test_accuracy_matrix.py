@@ -1,0 +1,46 @@
+"""bench/accuracy_matrix.py: cells, the matrix rows from per-run results, the report files."""
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "bench"))
+
+import accuracy_matrix as am  # noqa: E402
+
+
+def _run(acc, wall=10.0, share=0.5):
+    return {"test_acc": acc, "wall_s": wall, "parallel_share": share, "schedule": "serial:1,parallel:2,serial:1",
+            "num_test": 100, "per_epoch": []}
+
+
+def test_cells_cover_the_issue_matrix():
+    for ds, sizes, budgets in (("mnist", ("10k", "full"), (4, 12)), ("cifar10", ("10k", "full"), (10, 18))):
+        for size in sizes:
+            for aug in ("aug", "noaug"):
+                for e in budgets:
+                    assert f"{ds}-{size}-{aug}-e{e}" in am.CELLS
+    assert am.CELLS["mnist-10k-noaug-e4"]["subset"] == 10000 and am.CELLS["cifar10-full-aug-e18"]["subset"] is None
+    assert am._cells("quick")[0] == "mnist-10k-noaug-e4"
+
+
+def test_matrix_rows_average_seeds_and_compute_the_gap(tmp_path):
+    res = {"mnist-10k-noaug-e4/serial-seed0": _run(97.0), "mnist-10k-noaug-e4/serial-seed1": _run(97.4),
+           "mnist-10k-noaug-e4/default-K4-seed0": _run(96.0, wall=20.0),
+           "mnist-10k-noaug-e4/default-K4-seed1": _run(97.0, wall=30.0),
+           "mnist-10k-noaug-e4/tail50-K4-seed0": _run(96.9),
+           "cifar10-10k-noaug-e10/default-K2-seed0": _run(60.0)}            # no serial run: no row
+    rows = am.matrix(res, "default")
+    assert len(rows) == 1
+    r = rows[0]
+    assert (r["dataset"], r["train_size"], r["augment"], r["epochs"], r["K"]) == ("mnist", "10k", False, 4, 4)
+    assert r["seeds"] == [0, 1] and r["serial_acc"] == 97.2 and r["sph_acc"] == 96.5
+    assert r["gap"] == -0.7 and r["gap_per_seed"] == [-1.0, -0.4] and r["wall_s"] == 25.0
+    args = type("A", (), dict(variants="default,tail50", json=str(tmp_path / "m.json"), md=str(tmp_path / "m.md"),
+                              png=str(tmp_path / "m.png")))()
+    am.report(res, args)
+    rows = json.load(open(tmp_path / "m.json"))
+    assert rows[0]["gap"] == -0.7 and {"dataset", "train_size", "augment", "epochs", "K", "seeds", "serial_acc",
+                                        "sph_acc", "gap", "parallel_share", "wall_s"} <= set(rows[0])
+    md = open(tmp_path / "m.md").read()
+    assert "Variant `tail50`" in md and "missed" in md and os.path.getsize(tmp_path / "m.png") > 0
