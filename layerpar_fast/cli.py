@@ -25,7 +25,8 @@ _TRAIN_OPTIONS: dict[str, tuple[Any, str]] = {
     "cifar100_labels": (str, "fine (100 classes) or coarse (20 classes)"),
     "model": (str, "mnist_resnet, resnet20/32/44/56/110, wrn{depth}_{k} (e.g. wrn16_4, wrn28_10)"),
     "method": (str, f"{', '.join(METHODS)}: serial back-propagation, or SPH with penalty / augmented-Lagrangian local losses"),
-    "epochs": (int, "total epochs (serial: serial:N; penalty/al default schedule serial:1,parallel:N-1-S,serial:S with S=N/4)"),
+    "epochs": (int, "total epochs (serial: serial:N; penalty/al default schedule serial:1,parallel:N-1-S,serial:S "
+                    "with S = N x --tail-share, 2/3; below 5 epochs it has no parallel phase)"),
     "switch_drift": (float, "end a parallel phase early when a stage's drift ||a - lambda||/||lambda|| exceeds this "
                             "(the rest of the phase runs serial; default: off)"),
     "tail_share": (float, "share S/E of the epochs in the default schedule's serial tail (serial:1,parallel:E-1-S,serial:S)"),
@@ -77,7 +78,7 @@ _TRAIN_OPTIONS: dict[str, tuple[Any, str]] = {
 }
 #: `layerpar train` without options runs layer-parallel SPH with K = 2 processes (the demo);
 #: with --method serial the Config defaults (one stage, 3 epochs) apply
-DEMO_DEFAULTS: dict[str, Any] = {"method": "al", "stages": 2, "ds": 2, "epochs": 4}
+DEMO_DEFAULTS: dict[str, Any] = {"method": "al", "stages": 2, "ds": 2, "schedule": "serial:1,parallel:2,serial:1"}
 _DEFAULT_HELP = {"method": "al", "stages": "2 (1 with --method serial)", "ds": "2 (1 with --method serial)",
                  "epochs": "4, i.e. serial:1,parallel:2,serial:1 (3 with --method serial)"}
 
@@ -160,8 +161,8 @@ def _apply_demo_defaults(values: dict[str, Any], file_values: dict[str, Any]) ->
     for key in ("stages", "ds"):
         if not given(key):
             values[key] = DEMO_DEFAULTS[key]
-    if not given("epochs") and not given("schedule"):
-        values["epochs"] = DEMO_DEFAULTS["epochs"]
+    if not given("epochs") and not given("schedule"):   # the demo's 4 epochs, with a parallel phase to show
+        values["schedule"] = DEMO_DEFAULTS["schedule"]
 
 
 def _prepare_run_dir(run_dir: str) -> None:

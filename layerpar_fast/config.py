@@ -49,7 +49,7 @@ class Config:
     method: str = "serial"
     epochs: int | None = None
     schedule: str | None = None
-    tail_share: float = 0.25
+    tail_share: float = 2 / 3
     switch_drift: float | None = None
     # optimisation
     batch_size: int = 128
@@ -108,11 +108,13 @@ class Config:
             return f"serial:{epochs}"
         tail = max(1, round(epochs * self.tail_share))
         par = epochs - 1 - tail
-        if par < 1:
-            raise ConfigError(
-                f"--epochs {epochs} is too few for the default layer-parallel schedule "
-                "serial:1,parallel:P,serial:S (needs at least 3); give --schedule explicitly")
+        if par < 1:     # too short a budget for a parallel phase at this tail share (the trainer warns)
+            return f"serial:{epochs}"
         return f"serial:1,parallel:{par},serial:{tail}"
+
+    def default_schedule_is_serial(self) -> bool:
+        """Whether a layer-parallel method's default schedule has no parallel phase (too few epochs)."""
+        return self.method != "serial" and not self.schedule and all(p != "parallel" for p, _ in self.phases())
 
     def total_epochs(self) -> int:
         return sum(n for _, n in self.phases())

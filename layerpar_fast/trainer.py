@@ -105,6 +105,10 @@ class HybridTrainer(ParallelPhase, SerialPhase, Evaluation, Checkpoints):
         if any(p == "parallel" for p, _ in cfg.phases()):
             for c, shp in zip(self.cuts, self.cut_shapes):
                 self.filt.check_shape(shp, where=f"cut {c}")
+        if cfg.default_schedule_is_serial() and len(self.stages) > 1:
+            self.log(f"warning: {cfg.total_epochs()} epoch(s) leave no parallel phase in the default schedule "
+                     f"(its serial tail takes {cfg.tail_share:.2g} of the epochs, --tail-share): the run is serial "
+                     "back-propagation; give at least 5 epochs or an explicit --schedule for layer-parallel training")
         if len(self.stages) == 1 and any(p == "parallel" for p, _ in cfg.phases()):
             self.log("warning: a parallel phase with one stage is plain back-propagation without "
                      "augmentation; use --stages K (K >= 2) for layer-parallel training")

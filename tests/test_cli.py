@@ -71,7 +71,7 @@ def test_config_file_and_layer_parallel_run(tmp_path):
     (["--method", "admm"], "--method"),
     (["--beta", "-1", "--method", "al", "--stages", "2", "--epochs", "4"], "--beta"),
     (["--method", "al", "--stages", "40", "--epochs", "4", "--transport", "local"], "40"),
-    (["--method", "al", "--stages", "2", "--ds", "8", "--cuts", "5", "--epochs", "4", "--transport", "local"],
+    (["--method", "al", "--stages", "2", "--ds", "8", "--cuts", "5", "--epochs", "8", "--transport", "local"],
      "does not divide"),
 ])
 def test_bad_options_exit_2_with_one_message(tmp_path, capsys, args, msg):

@@ -384,3 +384,12 @@ def test_switch_drift_ends_the_parallel_phase_and_resumes_exactly(tmp_path):
     resumed.run()
     assert_same(params(full.model), params(resumed.model))
     assert [r["phase"] for r in resumed.records] == [r["phase"] for r in full.records]
+
+
+def test_too_short_a_budget_warns_that_the_default_schedule_is_serial():
+    logs = []
+    cfg = make_config(method="al", stages=3, ds=2, batch_size=16, epochs=4, progress=False, augment="none", threads=1)
+    tr = HybridTrainer(cfg, None, data=tiny_data(), model=tiny_model(), cuts=[2, 3], log=logs.append)
+    assert [p for p, _ in cfg.phases()] == ["serial"]
+    assert any("leave no parallel phase" in m and "--schedule" in m for m in logs)
+    assert tr.plan and all(p[1] == "serial" for p in tr.plan)
