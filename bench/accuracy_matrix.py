@@ -125,7 +125,8 @@ def collect(d: str, cmd: list[str]) -> dict[str, Any]:
     phases = [r["phase"] for r in recs]
     return {
         "command": "layerpar train " + " ".join(cmd[4:]),
-        "schedule": summary["config"].get("schedule") or _schedule(summary["config"]),
+        "schedule": _realized(phases),       # as run (--switch-drift may end a parallel phase early)
+        "schedule_configured": summary["config"].get("schedule") or _schedule(summary["config"]),
         "test_acc": 100 * full["test_acc"], "num_test": full["num_test"],
         "wall_s": summary["wall_time_s"],
         "parallel_share": phases.count("parallel") / max(1, len(phases)),
@@ -134,6 +135,17 @@ def collect(d: str, cmd: list[str]) -> dict[str, Any]:
                        "probe_cosine": r.get("probe_cosine"), "violation": r.get("violation")} for r in recs],
         "ds_test_acc_last_parallel": par[-1].get("ds_test_acc") if par else None,
     }
+
+
+def _realized(phases: list[str]) -> str:
+    """['serial', 'parallel', 'parallel', 'serial'] -> 'serial:1,parallel:2,serial:1'."""
+    out: list[list[Any]] = []
+    for p in phases:
+        if out and out[-1][0] == p:
+            out[-1][1] += 1
+        else:
+            out.append([p, 1])
+    return ",".join(f"{p}:{n}" for p, n in out)
 
 
 def _schedule(cfg: dict[str, Any]) -> str:
