@@ -80,7 +80,7 @@ _TRAIN_OPTIONS: dict[str, tuple[Any, str]] = {
 #: with --method serial the Config defaults (one stage, 3 epochs) apply
 DEMO_DEFAULTS: dict[str, Any] = {"method": "al", "stages": 2, "ds": 2, "schedule": "serial:1,parallel:2,serial:1"}
 _DEFAULT_HELP = {"method": "al", "stages": "2 (1 with --method serial)", "ds": "2 (1 with --method serial)",
-                 "epochs": "4, i.e. serial:1,parallel:2,serial:1 (3 with --method serial)"}
+                 "epochs": "the demo's 4: serial:1,parallel:2,serial:1 (3 with --method serial)"}
 
 _BOOL_OPTIONS = {
     "channels_last": "use channels_last memory format",
