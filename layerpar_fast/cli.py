@@ -18,7 +18,7 @@ from .config import (AL_ORDERS, AUGMENTS, AUX_DTYPES, BALANCE, DEVICES, LR_SCHED
 # option name -> (type, help); the defaults come from Config
 _TRAIN_OPTIONS: dict[str, tuple[Any, str]] = {
     "dataset": (str, "embedded (packaged MNIST subset, default), mnist, cifar10, cifar100, or PATH.npz"),
-    "data_dir": (str, "folder with the data set's standard files (default $LAYERPAR_DATA_DIR or ~/.cache/layerpar_fast)"),
+    "data_dir": (str, "folder with the data set's standard files"),
     "subset": (int, "use only the first N training images (quick runs)"),
     "test_subset": (int, "use only the first N test images"),
     "augment": (str, f"training augmentation of serial epochs: {', '.join(AUGMENTS)} (auto: crop_flip for RGB, none for MNIST)"),
@@ -42,11 +42,11 @@ _TRAIN_OPTIONS: dict[str, tuple[Any, str]] = {
     "weight_decay": (float, "weight decay"),
     "label_smoothing": (float, "cross-entropy label smoothing"),
     "stages": (int, "K, the number of stages (workers)"),
-    "cuts": (str, "block indices where the network is cut, comma separated (default: balanced)"),
+    "cuts": (str, "block indices where the network is cut, comma separated"),
     "balance": (str, f"how to choose cuts when --cuts is not given: {', '.join(BALANCE)}"),
-    "ds": (int, "downsampling factor s of what is stored and sent (1, 2, 4)"),
-    "filter": (str, "filter pair: avg_nearest (default) or avg_bilinear"),
-    "beta": (float, "penalty weight beta (default: AL Gauss-Seidel c/(lr*kappa), otherwise 10)"),
+    "ds": (int, "downsampling factor s of what is stored and sent"),
+    "filter": (str, "filter pair"),
+    "beta": (float, "penalty weight beta (automatic: c/(lr*kappa_k) for Gauss-Seidel AL, otherwise 10)"),
     "beta_c": (float, "c in the automatic beta_k = c/(lr*kappa_k)"),
     "gamma": (float, "lambda-step weight gamma in (0, 1] (Jacobi order and penalty)"),
     "al_order": (str, f"augmented-Lagrangian update order: {', '.join(AL_ORDERS)}"),
@@ -71,7 +71,7 @@ _TRAIN_OPTIONS: dict[str, tuple[Any, str]] = {
     "device": (str, f"{', '.join(DEVICES)}: where to train (auto: cuda when torch sees a GPU, else cpu; "
                     "distributed runs need one GPU per local rank)"),
     "seed": (int, "random seed (initialisation, data order, augmentation)"),
-    "threads": (int, "torch threads (default: CPU cores // local workers)"),
+    "threads": (int, "torch threads"),
     "checkpoint_every": (int, "write a checkpoint every N epochs"),
     "delay_rank": (int, "testing: the rank whose parallel-phase steps each start --delay-s seconds late"),
     "delay_s": (float, "testing: the delay of --delay-rank's steps, in seconds"),
@@ -79,8 +79,45 @@ _TRAIN_OPTIONS: dict[str, tuple[Any, str]] = {
 #: `layerpar train` without options runs layer-parallel SPH with K = 2 processes (the demo);
 #: with --method serial the Config defaults (one stage, 3 epochs) apply
 DEMO_DEFAULTS: dict[str, Any] = {"method": "al", "stages": 2, "ds": 2, "schedule": "serial:1,parallel:2,serial:1"}
-_DEFAULT_HELP = {"method": "al", "stages": "2 (1 with --method serial)", "ds": "2 (1 with --method serial)",
+_DEFAULT_HELP = {"data_dir": "$LAYERPAR_DATA_DIR or ~/.cache/layerpar_fast", "filter": "avg_nearest", "subset": "all", "test_subset": "all",
+                 "cuts": "balanced (--balance)", "beta": "automatic", "schedule": "derived from --epochs",
+                 "threads": "cores // local workers", "switch_drift": "off",
+                 "method": "al", "stages": "2 (1 with --method serial)", "ds": "2 (1 with --method serial)",
                  "epochs": "the demo's 4: serial:1,parallel:2,serial:1 (3 with --method serial)"}
+
+_GROUP_ORDER = ("data", "model", "method", "schedule and optimisation", "distributed and devices", "output")
+_GROUPS = {
+    "data": ("dataset", "data_dir", "subset", "test_subset", "augment", "cifar100_labels"),
+    "model": ("model", "channels_last", "amp"),
+    "method": ("method", "stages", "cuts", "balance", "ds", "filter", "beta", "beta_c", "gamma", "al_order",
+               "mult_init", "stage_lr", "window", "parallel_augment", "aux_dtype", "aux_device", "kappa_iters",
+               "bn_recalib_batches"),
+    "schedule and optimisation": ("epochs", "schedule", "tail_share", "switch_drift", "batch_size", "eval_batch_size",
+                                  "lr", "lr_schedule", "milestones", "lr_decay", "warmup_epochs", "momentum",
+                                  "nesterov", "weight_decay", "wd_bn", "label_smoothing", "seed"),
+    "distributed and devices": ("transport", "serial_on", "timeout_s", "threads", "device"),
+}
+_HIDDEN = ("delay_rank", "delay_s")
+
+
+def _group_of(name: str) -> str:
+    for g, names in _GROUPS.items():
+        if name in names:
+            return g
+    return "output"
+
+
+def _choices() -> dict[str, tuple]:
+    from . import config as c
+    return {"augment": c.AUGMENTS, "method": c.METHODS, "balance": c.BALANCE, "ds": (1, 2, 4, 8),
+            "filter": ("avg_nearest", "avg_bilinear"), "al_order": c.AL_ORDERS, "mult_init": c.MULT_INITS,
+            "stage_lr": c.STAGE_LRS, "parallel_augment": c.PARALLEL_AUGMENTS, "aux_dtype": c.AUX_DTYPES,
+            "lr_schedule": c.LR_SCHEDULES, "transport": c.TRANSPORTS, "serial_on": c.SERIAL_ON,
+            "device": c.DEVICES, "amp": c.AMPS, "cifar100_labels": ("fine", "coarse"),
+            **({"aux_device": c.AUX_DEVICES} if hasattr(c, "AUX_DEVICES") else {})}
+
+
+_CHOICES = _choices()
 
 _BOOL_OPTIONS = {
     "channels_last": "use channels_last memory format",
@@ -90,27 +127,49 @@ _BOOL_OPTIONS = {
 }
 
 
+class _UsageError(Exception):
+    """A command-line error, reported as one ``layerpar: error: ...`` line with status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise _UsageError(message)
+
+
 def _build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="layerpar", description="Layer-parallel training of deep ResNets.")
+    from . import __version__
+    p = _Parser(prog="layerpar", description="Layer-parallel training of deep ResNets.")
+    p.add_argument("--version", action="version", version=f"layerpar_fast {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a model (serial or layer-parallel SPH)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t = sub.add_parser("train", help="train a model (serial or layer-parallel SPH)")
     t.add_argument("--config", help="YAML or TOML file with the same keys (the command line wins)")
-    t.add_argument("--out", help="run directory (default runs/MODEL-DATASET-METHOD-TIME)")
+    t.add_argument("--out", help="run directory [default: runs/MODEL-DATASET-METHOD-TIME]")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its checkpoint")
     defaults = Config()
+    groups = {g: t.add_argument_group(g) for g in _GROUP_ORDER}
     for name, (typ, help_) in _TRAIN_OPTIONS.items():
-        t.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None,
-                       help=f"{help_} [default: {_DEFAULT_HELP.get(name, getattr(defaults, name))}]")
+        if name in _HIDDEN:       # test hooks: accepted, not shown
+            t.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=argparse.SUPPRESS)
+            continue
+        kw: dict[str, Any] = {}
+        if name in _CHOICES:
+            kw["choices"] = _CHOICES[name]
+        default = _DEFAULT_HELP.get(name, getattr(defaults, name))
+        if isinstance(default, float) and 0 < default < 1 and abs(default - 2 / 3) < 1e-12:
+            default = "2/3"
+        groups[_group_of(name)].add_argument(
+            "--" + name.replace("_", "-"), dest=name, type=typ, default=None,
+            help=f"{help_} [default: {default}]".replace("%", "%%"), **kw)
     for name, help_ in _BOOL_OPTIONS.items():
-        t.add_argument("--" + name.replace("_", "-"), dest=name, action=argparse.BooleanOptionalAction,
-                       default=None, help=f"{help_} [default: {getattr(defaults, name)}]")
+        groups[_group_of(name)].add_argument(
+            "--" + name.replace("_", "-"), dest=name, action=argparse.BooleanOptionalAction, default=None,
+            help=f"{help_} [default: {getattr(defaults, name)}]")
 
     pl = sub.add_parser("plot", help="plot test accuracy and loss of runs against epoch and wall time")
     pl.add_argument("runs", nargs="+", help="run directories (each with metrics.jsonl)")
-    pl.add_argument("-o", "--output", default="runs.png", help="output image (PNG, PDF or SVG)")
-    pl.add_argument("--labels", help="comma-separated legend labels (default: directory names)")
+    pl.add_argument("-o", "--output", default="runs.png", help="output image (PNG, PDF or SVG) [default: runs.png]")
+    pl.add_argument("--labels", help="comma-separated legend labels [default: the directory names]")
 
     ev = sub.add_parser("eval", help="test accuracy of finished runs' final models (whole test set by default)")
     ev.add_argument("runs", nargs="+", help="run directories (each with config.json and final_model.pt)")
@@ -202,7 +261,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from .plot import plot_runs
     labels = args.labels.split(",") if args.labels else None
     plot_runs(args.runs, args.output, labels)
-    print(f"wrote {args.output}")
+    print(f"wrote {os.path.abspath(args.output)}")
     return 0
 
 
@@ -227,7 +286,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .models import ModelError
     from .staging import StagingError
     parser = _build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as e:
+        print(f"layerpar: error: {e} (see layerpar --help)", file=sys.stderr)
+        return 2
     handlers = {"train": cmd_train, "plot": cmd_plot, "eval": cmd_eval, "info": cmd_info}
     try:
         return handlers[args.command](args)

@@ -4,18 +4,27 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
+from .config import ConfigError
 from .metrics import read_jsonl
+
+IMAGE_FORMATS = (".png", ".pdf", ".svg")
 
 _PHASE_MARK = {"serial": "o", "parallel": "s"}
 
 
 def load_run(run_dir: str) -> list[dict]:
+    """The epoch records of a run; a ConfigError (one line) for a missing or empty run."""
+    if not os.path.isdir(run_dir):
+        raise ConfigError(f"plot: {run_dir}: no such run directory")
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{run_dir}: no metrics.jsonl (is it a layerpar run directory?)")
-    records = read_jsonl(path)
+        raise ConfigError(f"plot: {run_dir}: no metrics.jsonl (is it a layerpar run directory?)")
+    try:
+        records = read_jsonl(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"plot: {path}: cannot read it: {str(e).splitlines()[0] if str(e) else e}") from None
     if not records:
-        raise ValueError(f"{path}: no epochs recorded yet")
+        raise ConfigError(f"plot: {path}: no epochs recorded yet")
     return records
 
 
@@ -27,7 +36,10 @@ def plot_runs(run_dirs: Sequence[str], output: str, labels: Sequence[str] | None
     import matplotlib.pyplot as plt
 
     if labels is not None and len(labels) != len(run_dirs):
-        raise ValueError(f"--labels gives {len(labels)} names for {len(run_dirs)} runs")
+        raise ConfigError(f"plot: --labels gives {len(labels)} names for {len(run_dirs)} runs")
+    if os.path.splitext(output)[1].lower() not in IMAGE_FORMATS:
+        raise ConfigError(f"plot: -o {output}: unknown image format; use a name ending in "
+                          f"{', '.join(IMAGE_FORMATS)}")
     runs = [load_run(d) for d in run_dirs]
     names = list(labels) if labels else [os.path.basename(os.path.normpath(d)) for d in run_dirs]
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))

@@ -139,3 +139,35 @@ def test_info(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "torch:" in out and "gloo:" in out and "ops:" in out
+
+
+def test_train_help_shows_each_default_once_and_choices(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert "(default:" not in text and "default: None" not in text
+    assert "--method {serial,penalty,al}" in text and "--ds {1,2,4,8}" in text
+    assert "--delay-rank" not in text and "--delay-s" not in text          # test hooks stay hidden
+    for group in ("data:", "model:", "method:", "schedule and optimisation:", "distributed and devices:", "output:"):
+        assert group in text
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("layerpar_fast ")
+
+
+def test_plot_errors_are_one_line_with_status_2(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "metrics.jsonl").write_text("")
+    cases = [([str(tmp_path / "missing")], "no such run directory"),
+             ([str(tmp_path)], "no metrics.jsonl"),
+             ([str(empty)], "no epochs recorded"),
+             ([str(empty), "-o", str(tmp_path / "x.bmp")], "unknown image format"),
+             ([str(empty), str(empty), "--labels", "a"], "--labels gives 1 names for 2 runs")]
+    for args, msg in cases:
+        assert main(["plot", *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("layerpar: error:") and msg in err[0], err
