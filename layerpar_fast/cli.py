@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 import sys
 import time
 from typing import Any, Sequence
@@ -244,17 +245,60 @@ def cmd_train(args: argparse.Namespace) -> int:
     if mode == "member":
         prefer_eager_module_loading()   # before the GPU check below first initialises CUDA
     check_local_gpus(cfg, local_ranks(cfg, mode), mode)   # refuse before any work
+    created = not os.path.exists(run_dir)
     _prepare_run_dir(run_dir)
-    if mode == "spawn":     # K local processes, one per stage
-        return launch_local(cfg, run_dir, resume)
-    if mode == "member":    # one rank of a process group started by torchrun
-        return run_member(cfg, run_dir, resume)
-    trainer = HybridTrainer(cfg, run_dir, resume=resume)
-    summary = trainer.run()
+    try:
+        if mode == "spawn":     # K local processes, one per stage
+            code = launch_local(cfg, run_dir, resume)
+            if code != 0:
+                _forget_failed_run(run_dir, created)
+            return code
+        if mode == "member":    # one rank of a process group started by torchrun
+            return run_member(cfg, run_dir, resume)
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+        try:
+            trainer = HybridTrainer(cfg, run_dir, resume=resume)
+            summary = trainer.run()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    except BaseException as e:
+        _forget_failed_run(run_dir, created)
+        if isinstance(e, KeyboardInterrupt):
+            raise _Stopped(run_dir, 143 if isinstance(e, _Terminated) else 130) from None
+        raise
     print(f"final test accuracy {100 * summary['final_test_acc']:.2f}% "
           f"(best {100 * summary['best_test_acc']:.2f}%) in {summary['wall_time_s']:.1f}s; "
           f"run directory {run_dir}")
     return 0
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an exception so that the run stops like on Ctrl-C (exit status 143)."""
+
+
+class _Stopped(Exception):
+    def __init__(self, run_dir: str, code: int) -> None:
+        super().__init__(run_dir)
+        self.run_dir, self.code = run_dir, code
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated()
+
+
+def _forget_failed_run(run_dir: str, created: bool) -> None:
+    """Remove a run directory this invocation created when the run failed or stopped before its
+    first checkpoint (nothing in it can be resumed)."""
+    if created and os.path.isdir(run_dir) and not os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
+        import shutil
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def interrupted_text(run_dir: str) -> str:
+    """What is true after a stop: a checkpoint to resume from, or nothing yet."""
+    if os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
+        return f"the last completed epoch is in the checkpoint: continue with --resume {run_dir}"
+    return "no epoch had completed, so there is nothing to resume: start the run again"
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
@@ -297,9 +341,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DataError, ModelError, StagingError, FilterError) as e:
         print(f"layerpar: error: {e}", file=sys.stderr)
         return 2
+    except _Stopped as e:
+        what = "terminated (SIGTERM)" if e.code == 143 else "interrupted"
+        print(f"layerpar: {what}; {interrupted_text(e.run_dir)}", file=sys.stderr)
+        return e.code
     except KeyboardInterrupt:
-        print("layerpar: interrupted; the last completed epoch is in the checkpoint "
-              "(continue with --resume RUN_DIR)", file=sys.stderr)
+        print("layerpar: interrupted", file=sys.stderr)
         return 130
 
 

@@ -153,7 +153,9 @@ def launch_local(cfg: Config, run_dir: str, resume: bool, *, entry: Sequence[str
         if stack and kind not in ("TransportError",):
             print(stack.rstrip(), file=sys.stderr)
         return 1
-    except (SignalException, KeyboardInterrupt):
+    except SignalException as e:
+        return _interrupted(run_dir, 128 + int(getattr(e, "sigval", signal.SIGINT)))
+    except KeyboardInterrupt:
         return _interrupted(run_dir)
     finally:
         for var, val in saved.items():
@@ -199,10 +201,11 @@ def _signal_name(num: int) -> str:
         return str(num)
 
 
-def _interrupted(run_dir: str) -> int:
-    print(f"layerpar: interrupted; every worker stopped. The last completed epoch is in the checkpoint: "
-          f"continue with --resume {run_dir}", file=sys.stderr)
-    return 130
+def _interrupted(run_dir: str, code: int = 130) -> int:
+    from .cli import interrupted_text
+    what = "terminated (SIGTERM)" if code == 128 + signal.SIGTERM else "interrupted"
+    print(f"layerpar: {what}; every worker stopped; {interrupted_text(run_dir)}", file=sys.stderr)
+    return code
 
 
 # ------------------------------------------------------------------------------------ worker side

@@ -171,3 +171,46 @@ def test_plot_errors_are_one_line_with_status_2(tmp_path, capsys):
         assert main(["plot", *args]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("layerpar: error:") and msg in err[0], err
+
+
+def test_a_run_that_fails_early_leaves_no_run_directory(tmp_path, capsys):
+    run = tmp_path / "r"
+    assert main(["train", *QUICK, "--dataset", str(tmp_path / "nope.npz"), "--out", str(run)]) == 2
+    assert "layerpar: error:" in capsys.readouterr().err
+    assert not run.exists()
+
+
+def _start(args, run):
+    return subprocess.Popen([sys.executable, "-m", "layerpar_fast", "train", *args, "--out", str(run)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+
+
+def test_sigterm_stops_with_143_and_says_how_to_resume(tmp_path):
+    import signal as sg
+    run = tmp_path / "r"
+    p = _start(["--method", "serial", "--subset", "3000", "--test-subset", "200", "--epochs", "6", "--no-progress",
+                "--threads", "1"], run)
+    deadline = time.monotonic() + 120
+    while not (run / "checkpoint.pt").exists():
+        assert p.poll() is None and time.monotonic() < deadline, p.communicate()[1][-2000:]
+        time.sleep(0.2)
+    p.send_signal(sg.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 143, err[-2000:]
+    assert "terminated (SIGTERM)" in err and f"--resume {run}" in err
+
+
+def test_ctrl_c_before_the_first_epoch_says_there_is_nothing_to_resume(tmp_path):
+    import signal as sg
+    run = tmp_path / "r"
+    p = _start(["--method", "serial", "--subset", "3000", "--test-subset", "200", "--epochs", "6", "--no-progress",
+                "--threads", "1"], run)
+    deadline = time.monotonic() + 60
+    while not run.exists():                      # the run has started, its first epoch is not done
+        assert p.poll() is None and time.monotonic() < deadline, p.communicate()[1][-2000:]
+        time.sleep(0.05)
+    p.send_signal(sg.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err[-2000:]
+    assert "nothing to resume" in err and "--resume" not in err
+    assert not run.exists()
