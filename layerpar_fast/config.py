@@ -314,4 +314,24 @@ def _coerce_types(cfg: Config) -> None:
                     v = [x for x in v.split(",") if x]
                 setattr(cfg, f.name, [float(x) for x in v])
         except (TypeError, ValueError):
-            raise ConfigError(f"option {f.name}: expected {t}, got {v!r}") from None
+            raise ConfigError(f"option {f.name}: expected {_type_words(t)}, got {v!r}") from None
+
+
+def _type_words(t: str) -> str:
+    """'int | None' -> 'an integer' (what a user reads, not Python's type syntax)."""
+    base = t.split("|")[0].strip()
+    return {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+            "list[float]": "a comma-separated list of numbers"}.get(base, base)
+
+
+#: options that only act in a layer-parallel run (a parallel phase), with their default
+PARALLEL_ONLY = ("parallel_augment", "mult_init", "stage_lr", "switch_drift", "beta", "al_order", "window",
+                 "aux_dtype", "kappa_iters")
+
+
+def ignored_options(cfg: Config) -> list[str]:
+    """Options set away from their default that have no effect in this run (no parallel phase)."""
+    if any(p == "parallel" for p, _ in cfg.phases()):
+        return []
+    base = Config()
+    return ["--" + k.replace("_", "-") for k in PARALLEL_ONLY if getattr(cfg, k) != getattr(base, k)]

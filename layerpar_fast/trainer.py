@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from . import __version__
 from .checkpoint import Checkpoints
-from .config import Config, ConfigError, make_config, read_run_config
+from .config import Config, ConfigError, ignored_options, make_config, read_run_config
 from .data import BatchLoader, Dataset, load_dataset
 from .evaluation import Evaluation
 from .filters import FilterPair
@@ -105,6 +105,10 @@ class HybridTrainer(ParallelPhase, SerialPhase, Evaluation, Checkpoints):
         if any(p == "parallel" for p, _ in cfg.phases()):
             for c, shp in zip(self.cuts, self.cut_shapes):
                 self.filt.check_shape(shp, where=f"cut {c}")
+        unused = ignored_options(cfg)
+        if unused:
+            self.log(f"warning: {', '.join(unused)} act only in a parallel phase, and schedule "
+                     f"{cfg.resolved_schedule()} has none: they have no effect")
         if cfg.default_schedule_is_serial() and len(self.stages) > 1:
             self.log(f"warning: {cfg.total_epochs()} epoch(s) leave no parallel phase in the default schedule "
                      f"(its serial tail takes {cfg.tail_share:.2g} of the epochs, --tail-share): the run is serial "

@@ -94,3 +94,14 @@ def test_stage_lr_and_mult_init_choices_are_checked():
         make_config(method="al", stage_lr="fast")
     with pytest.raises(ConfigError, match="--mult-init 'ones' is not one of zero, grad"):
         make_config(method="al", mult_init="ones")
+
+
+def test_type_errors_speak_plain_words_and_unused_options_are_listed():
+    from layerpar_fast.config import ignored_options
+    with pytest.raises(ConfigError, match="expected an integer, got 1.5"):
+        make_config({"batch_size": 1.5})
+    with pytest.raises(ConfigError, match="expected a number"):
+        make_config({"lr": "fast"})
+    assert ignored_options(make_config(method="serial", parallel_augment="shift", mult_init="grad")) == \
+        ["--parallel-augment", "--mult-init"]
+    assert ignored_options(make_config(method="al", stages=2, epochs=8, parallel_augment="shift")) == []
