@@ -16,9 +16,12 @@ from .filters import FilterPair  # noqa: E402
 
 def __getattr__(name: str):
     # heavier modules load on first use, so `import layerpar_fast` stays cheap
-    if name == "HybridTrainer":
-        from .trainer import HybridTrainer
-        return HybridTrainer
+    if name in ("HybridTrainer", "DistTrainer", "evaluate_run"):
+        from . import trainer
+        return getattr(trainer, name)
+    if name in ("LocalTopology", "DistTopology", "Topology"):
+        from . import topology
+        return getattr(topology, name)
     if name in ("load_dataset", "Dataset", "BatchLoader"):
         from . import data
         return getattr(data, name)
@@ -31,6 +34,11 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'layerpar_fast' has no attribute {name!r}")
 
 
-__all__ = ["Config", "ConfigError", "make_config", "FilterPair", "HybridTrainer", "load_dataset",
-           "Dataset", "BatchLoader", "build_model", "cut_points", "split_model", "assemble",
-           "as_block_sequence"]
+__all__ = ["Config", "ConfigError", "make_config", "FilterPair", "HybridTrainer", "DistTrainer", "evaluate_run",
+           "Topology", "LocalTopology", "DistTopology", "load_dataset", "Dataset", "BatchLoader", "build_model",
+           "cut_points", "split_model", "assemble", "as_block_sequence", "__version__"]
+
+
+def __dir__() -> list[str]:
+    """The lazy exports too (``dir(layerpar_fast)``, tab completion)."""
+    return sorted(set(globals()) | set(__all__))

@@ -86,6 +86,7 @@ class HybridTrainer(ParallelPhase, SerialPhase, Evaluation, Checkpoints):
         if cuts is None and cfg.cuts is None and cfg.balance == "time" and cfg.stages > 1 and topo.world > 1:
             cuts = self._agree_on_cuts(model)
         torch.manual_seed(cfg.seed)
+        self.model_name = cfg.model if model is None else f"your {type(model).__name__} model"
         if model is None:
             model = build_model(cfg.model, num_classes=ds.num_classes, in_channels=ds.in_channels,
                                 image_size=ds.x_train.shape[-1])
@@ -226,7 +227,7 @@ class HybridTrainer(ParallelPhase, SerialPhase, Evaluation, Checkpoints):
             atomic_write_json(os.path.join(self.out_dir, "config.json"), cfg.to_dict())
         t_start = time.perf_counter() - self.wall_offset
         plan = self.plan
-        self.log(f"layerpar_fast {__version__}: {cfg.model} on {self.data.name} "
+        self.log(f"layerpar_fast {__version__}: {self.model_name} on {self.data.name} "
                  f"({self.data.num_train} train / {self.data.num_test} test), method {cfg.method}, "
                  f"schedule {cfg.resolved_schedule()}, {self.total_epochs} epochs, "
                  f"{len(self.stages)} stage(s) cuts {self.cuts}, device {self.device}, {self.threads} thread(s)")

@@ -393,3 +393,15 @@ def test_too_short_a_budget_warns_that_the_default_schedule_is_serial():
     assert [p for p, _ in cfg.phases()] == ["serial"]
     assert any("leave no parallel phase" in m and "--schedule" in m for m in logs)
     assert tr.plan and all(p[1] == "serial" for p in tr.plan)
+
+
+def test_library_surface_lists_its_names_and_names_a_user_model():
+    import layerpar_fast as lp
+    for name in ("HybridTrainer", "DistTrainer", "LocalTopology", "load_dataset", "make_config"):
+        assert name in dir(lp) and getattr(lp, name) is not None
+    logs = []
+    cfg = make_config(method="al", stages=2, ds=2, batch_size=16, schedule="parallel:1", progress=False,
+                      augment="none", threads=1, kappa_iters=2, bn_recalib_batches=1)
+    tr = HybridTrainer(cfg, None, data=tiny_data(), model=tiny_model(), cuts=[2], log=logs.append)
+    tr.run()
+    assert any("your Sequential model" in m for m in logs) and not any("mnist_resnet" in m for m in logs)
