@@ -186,10 +186,13 @@ def _train_config(args: argparse.Namespace) -> tuple[Config, str, bool]:
     if args.resume:
         run_dir = args.resume
         saved = read_run_config(run_dir, "checkpoint.pt", "--resume")
-        # only run-time options may change on resume; the training itself must not
-        runtime = {k: getattr(args, k) for k in ("threads", "progress", "timeout_s", "transport", "device")
-                   if getattr(args, k) is not None}
-        saved.update(runtime)
+        if args.config:
+            raise ConfigError("--resume takes the run's own configuration; --config cannot be combined with it")
+        given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
+                 if getattr(args, f.name, None) is not None and f.name != "out"}
+        if isinstance(given.get("milestones"), str):
+            given["milestones"] = [float(x) for x in given["milestones"].split(",") if x]
+        saved.update(_resume_changes(saved, given))
         saved["out"] = run_dir
         return make_config(saved), run_dir, True
     file_values = load_config_file(args.config) if args.config else {}
@@ -207,6 +210,46 @@ def _train_config(args: argparse.Namespace) -> tuple[Config, str, bool]:
         raise ConfigError(f"--out {run_dir} already holds a run; continue it with --resume {run_dir} "
                           "or choose another --out")
     return cfg, run_dir, False
+
+
+#: options a resumed run may change: how it runs, not what it computes
+RESUME_RUNTIME = ("threads", "progress", "timeout_s", "transport", "device", "aux_device", "data_dir",
+                  "checkpoint_every", "eval_batch_size")
+
+
+def _resume_changes(saved: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """The options of a ``--resume`` command line that may change the saved run: run-time options,
+    and a longer schedule (``--epochs`` / ``--schedule``) whose first epochs are the run's whole
+    schedule (the learning-rate schedule is then recomputed over the new total from the next
+    epoch on). Any other option that differs from the run's is refused with one line."""
+    out: dict[str, Any] = {}
+    for key, value in given.items():
+        if key in RESUME_RUNTIME:
+            out[key] = value
+        elif key in ("epochs", "schedule"):
+            continue
+        elif key in saved and saved[key] != value:
+            opt = "--" + key.replace("_", "-")
+            raise ConfigError(f"{opt} cannot change on --resume (the run used {saved[key]!r}); options that may: "
+                              f"--epochs/--schedule (to extend the schedule), "
+                              + ", ".join("--" + k.replace("_", "-") for k in RESUME_RUNTIME))
+    if "epochs" in given or "schedule" in given:
+        old = make_config(saved)
+        trial = dict(saved, schedule=given.get("schedule"), epochs=given.get("epochs"))
+        if trial["schedule"] is None and old.method != "serial":
+            raise ConfigError("--resume with --epochs: a layer-parallel run's default schedule depends on its length; "
+                              f"give --schedule that starts with the run's {old.resolved_schedule()} instead")
+        if trial["schedule"] is None:
+            trial["schedule"] = f"serial:{given['epochs']}"
+            trial["epochs"] = None
+        new = make_config(trial)
+        old_epochs = [p for p, n in old.phases() for _ in range(n)]
+        new_epochs = [p for p, n in new.phases() for _ in range(n)]
+        if len(new_epochs) < len(old_epochs) or new_epochs[:len(old_epochs)] != old_epochs:
+            raise ConfigError(f"--resume: the new schedule {new.resolved_schedule()} must start with the run's "
+                              f"{old.resolved_schedule()} (a resumed run can only be extended)")
+        out["schedule"], out["epochs"] = new.resolved_schedule(), None
+    return out
 
 
 def _apply_demo_defaults(values: dict[str, Any], file_values: dict[str, Any]) -> None:

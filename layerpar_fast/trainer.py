@@ -223,7 +223,7 @@ class HybridTrainer(ParallelPhase, SerialPhase, Evaluation, Checkpoints):
             os.makedirs(self.out_dir, exist_ok=True)
         main = self.topology.is_main
         writer = JsonlWriter(os.path.join(self.out_dir, "metrics.jsonl"), self.records) if self.out_dir and main else None
-        if self.out_dir and main and self.epoch == 0:
+        if self.out_dir and main:   # also on resume: an extended schedule must survive the next resume
             atomic_write_json(os.path.join(self.out_dir, "config.json"), cfg.to_dict())
         t_start = time.perf_counter() - self.wall_offset
         plan = self.plan

@@ -214,3 +214,22 @@ def test_ctrl_c_before_the_first_epoch_says_there_is_nothing_to_resume(tmp_path)
     assert p.returncode == 130, err[-2000:]
     assert "nothing to resume" in err and "--resume" not in err
     assert not run.exists()
+
+
+def test_resume_may_extend_the_schedule_and_refuses_other_changes(tmp_path, capsys):
+    run = tmp_path / "r"
+    assert main(["train", *QUICK, "--method", "serial", "--epochs", "2", "--out", str(run)]) == 0
+    assert main(["train", "--resume", str(run), "--lr", "0.5"]) == 2
+    assert "--lr cannot change on --resume" in capsys.readouterr().err
+    assert main(["train", "--resume", str(run), "--schedule", "serial:1"]) == 2
+    assert "can only be extended" in capsys.readouterr().err
+    assert main(["train", "--resume", str(run), "--epochs", "3", "--threads", "1"]) == 0
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in recs] == [1, 2, 3]
+    assert json.loads((run / "config.json").read_text())["schedule"] == "serial:3"
+    lp = tmp_path / "p"
+    assert main(["train", *QUICK, "--method", "al", "--stages", "2", "--transport", "local", "--schedule",
+                 "serial:1,parallel:1", "--kappa-iters", "2", "--bn-recalib-batches", "1", "--out", str(lp)]) == 0
+    assert main(["train", "--resume", str(lp), "--epochs", "4"]) == 2
+    assert "give --schedule that starts with" in capsys.readouterr().err
+    assert main(["train", "--resume", str(lp), "--schedule", "serial:1,parallel:1,serial:1"]) == 0
