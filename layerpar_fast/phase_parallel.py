@@ -117,7 +117,8 @@ class ParallelPhase:
             place += f", rows prefetched to {dev}" if dev.type == "cuda" else ""
         else:
             place = str(dev)
-        rank = f" on rank {self.topology.rank}" if self.topology.world > 1 else ""
+        rank = (f" of rank {self.topology.rank} (per rank; the epoch records total every rank's)"
+                if self.topology.world > 1 else f" of all {k} stages (total, one process)")
         self.log(f"auxiliary stores{rank}: {total / 2**20:.1f} MiB in {cfg.aux_dtype} in {place} ({why}; "
                  f"cuts {[tuple(c) for c in coarse]} coarse, s={cfg.ds}, {n} rows{views})")
         self.aux_bytes = total
