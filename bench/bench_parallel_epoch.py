@@ -1,4 +1,4 @@
-"""Per-epoch time of the layer-parallel phase against serial back-propagation and DDP (ALGORITHM.md §7).
+"""Per-epoch time of the layer-parallel phase against serial back-propagation and DDP (docs/method.md §7).
 
 ``epoch`` (what bench/results/parallel_epoch_cpu.md reports): one launch of K = 2 local ranks
 (gloo, 1 thread each) that measures, in the same processes and interleaved over ``--repeats``
@@ -225,7 +225,7 @@ def markdown(s: dict[str, Any], meta: dict[str, Any]) -> str:
         "",
         f"Predicted ρ = baseline / (T_d + max_k t_k + t_λ + t_comm,exposed) with the terms measured in the "
         f"parallel epoch (the baseline epochs include crop+flip augmentation, as SPH serial epochs do; the "
-        f"parallel epoch has none, ALGORITHM.md §6) (model parallel epoch {m('parallel_model_s'):.2f} s against {m('parallel_s'):.2f} s "
+        f"parallel epoch has none, docs/method.md §6) (model parallel epoch {m('parallel_model_s'):.2f} s against {m('parallel_s'):.2f} s "
         f"measured). The model on the parallel run's own terms (Σ_k t_k as the serial time, metrics.speedup_model): "
         f"ρ = {m('rho_model_own_terms'):.2f}.",
         "",

@@ -70,7 +70,7 @@ RUNS: dict[str, list[str]] = {
 
 def cycles_schedule(epochs: int) -> str:
     """serial:1, three cycles (parallel:a, serial:1), then the rest serial: augmented epochs
-    between the parallel ones (the parallel phase trains without augmentation, ALGORITHM.md §6)."""
+    between the parallel ones (the parallel phase trains without augmentation, docs/method.md §6)."""
     a = max(1, (epochs - 7) // 3)
     rest = epochs - 1 - 3 * (a + 1)
     if rest < 1:

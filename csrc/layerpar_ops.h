@@ -1,4 +1,4 @@
-// CPU kernels of layerpar_fast's fused ops (ALGORITHM.md §2-§4); Python API in layerpar_fast/ops.py.
+// CPU kernels of layerpar_fast's fused ops (docs/method.md §2-§4); Python API in layerpar_fast/ops.py.
 //
 // Layout conventions: stores and coarse tensors (target, mult, a, g, λ̃/u rows) are contiguous
 // NCHW (B, C, h, w); fine tensors (o, grad_o, z, grad_z) are contiguous NCHW or channels_last.

@@ -1,4 +1,4 @@
-"""Jacobi λ-step and AL multiplier step on store rows, in place, in one pass (ALGORITHM.md §4).
+"""Jacobi λ-step and AL multiplier step on store rows, in place, in one pass (docs/method.md §4).
 
     λ̃⁺ = γ(a + u) + (1 − γ)λ̃ − γ(d/β)g ;   u⁺ = u + (a − λ̃⁺)   (float32 arithmetic)
 

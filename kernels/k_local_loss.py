@@ -1,4 +1,4 @@
-"""Fused local loss (ALGORITHM.md §3): a = D(o), the loss and ∂loss/∂a in one pass over o.
+"""Fused local loss (docs/method.md §3): a = D(o), the loss and ∂loss/∂a in one pass over o.
 
 The forward kernel reads each fine element of ``o`` once (any strides: NCHW or channels_last),
 writes the coarse ``a`` and the coarse gradient ``gc``, and one partial loss per program; the

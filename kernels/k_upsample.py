@@ -1,4 +1,4 @@
-"""Nearest-neighbour upsampling U with a fused row gather, scale and cast (ALGORITHM.md §2).
+"""Nearest-neighbour upsampling U with a fused row gather, scale and cast (docs/method.md §2).
 
 Used for the stage input z = U(store[idx]) (fp32, NCHW or channels_last) and for the backward
 of the fused local loss, grad_o = Dᵀ(gc)·grad_loss = U(gc)·grad_loss/s² (grad_loss read from

@@ -1,4 +1,4 @@
-"""Per-sample auxiliary-variable storage (ALGORITHM.md §1-§2, §4).
+"""Per-sample auxiliary-variable storage (docs/method.md §1-§2, §4).
 
 An :class:`AuxStore` holds one coarse row per training sample (λ̃_k, u_k or μ_k at one cut),
 indexed by the sample's dataset index. The engine only uses the interface below, so a learned

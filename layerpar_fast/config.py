@@ -64,7 +64,7 @@ class Config:
     weight_decay: float = 5e-4
     wd_bn: bool = True
     label_smoothing: float = 0.0
-    # layer-parallel engine (ALGORITHM.md)
+    # layer-parallel engine (docs/method.md)
     stages: int = 1
     cuts: str | None = None
     balance: str = "flops"
@@ -190,7 +190,7 @@ def parse_schedule(spec: str) -> list[tuple[str, int]]:
     """``"serial:1,parallel:5,serial:2"`` -> [("serial", 1), ("parallel", 5), ("serial", 2)].
 
     A group may be repeated: ``"(parallel:2,serial:1)x3"``. ``idle:N`` spends N epochs of the
-    learning-rate schedule without training (the tail-only control of ALGORITHM.md §6).
+    learning-rate schedule without training (the tail-only control of docs/method.md §6).
     """
     spec = spec.replace(" ", "")
     if not spec:

@@ -1,5 +1,5 @@
 """torch.distributed for the engine: the process-group environment and the stage-to-stage
-transport of one process per stage (ALGORITHM.md §5).
+transport of one process per stage (docs/method.md §5).
 
 * :func:`dist_env`, :func:`init_process_group`, :func:`backend_for_this_machine`.
 * :class:`DistTransport`: the :class:`~layerpar_fast.transport.Transport` of one stage worker

@@ -1,4 +1,4 @@
-"""Evaluation of the assembled network (ALGORITHM.md §6): BatchNorm recalibration after a
+"""Evaluation of the assembled network (docs/method.md §6): BatchNorm recalibration after a
 parallel epoch, the serial forward pass in eval mode (and the DS forward with U∘D at every cut),
 each sharded over the ranks of the run's topology (one rank: the plain computation, bit for bit).
 """

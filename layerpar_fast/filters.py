@@ -1,4 +1,4 @@
-"""Downsampling/upsampling filter pairs (ALGORITHM.md §2).
+"""Downsampling/upsampling filter pairs (docs/method.md §2).
 
 A pair ``(D, U)`` with factor ``s`` maps a fine activation (B, C, H, W) to the coarse grid
 (B, C, H/s, W/s) and back. Everything per sample is stored and sent on the coarse grid.

@@ -1,4 +1,4 @@
-"""Timers, JSONL records, environment description and the speedup model (ALGORITHM.md §7)."""
+"""Timers, JSONL records, environment description and the speedup model (docs/method.md §7)."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""Stability monitors of the parallel phase (ALGORITHM.md §3-§4).
+"""Stability monitors of the parallel phase (docs/method.md §3-§4).
 
 * :func:`estimate_kappa`: κ_k, the top eigenvalue of (1/d_k)·E[JᵀJ] (J = ∂a_k/∂θ_k), by power
   iteration with Gauss-Newton-vector products. The local-loss curvature in θ_k is β·κ_k.

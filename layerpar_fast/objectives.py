@@ -1,4 +1,4 @@
-"""Reference torch code for the local losses and the auxiliary-variable updates (ALGORITHM.md §3-§4).
+"""Reference torch code for the local losses and the auxiliary-variable updates (docs/method.md §3-§4).
 
 This module is the oracle: every fused path (C++ extension, Triton) is tested against it.
 Notation (one mini-batch of B samples at a cut with coarse per-sample size ``d``):

@@ -1,6 +1,6 @@
 """Shift augmentation for the parallel phase, consistent with the auxiliary variables.
 
-ALGORITHM.md §6 trains the parallel phase without augmentation because λ̃ is tied to one view of
+The method (docs/method.md §5-§6) trains the parallel phase without augmentation because λ̃ is tied to one view of
 each sample. Translations are the exception: a convolutional stage is equivariant to a shift of
 its input by a multiple of its stride (away from the border), so the view "image shifted by d
 pixels" has, at cut k, the activations of the canonical view shifted by d / r_k pixels, where r_k

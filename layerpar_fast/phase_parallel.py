@@ -1,4 +1,4 @@
-"""The parallel phase (ALGORITHM.md §3-§5): auxiliary stores, κ/β, the warm-up that keeps
+"""The parallel phase (docs/method.md §3-§5): auxiliary stores, κ/β, the warm-up that keeps
 device synchronisations away from posted receives (devsync.py), the initial fill, the
 multiplier warm start, the parallel epochs of the stages this process owns, and their record.
 """
@@ -252,7 +252,7 @@ class ParallelPhase:
         for k, (kap, beta, cap) in enumerate(zip(kappas, betas, caps)):
             if cap < lr_now:
                 self.log(f"warning: stage {k}: lr {lr_now:.4g} x beta {beta:.4g} x kappa {kap:.4g} = "
-                         f"{lr_now * beta * kap:.3g} > 1; capping this stage's lr at {cap:.4g} (ALGORITHM.md §3)")
+                         f"{lr_now * beta * kap:.3g} > 1; capping this stage's lr at {cap:.4g} (docs/method.md §3)")
         self.phase_state = PhaseState(pidx, kappas, betas, caps)
         self.log("parallel phase: " + ", ".join(
             f"stage {k}: kappa={kap:.4g} beta={b:.4g} lr*beta*kappa={lr_now * b * kap:.3g}"
@@ -302,7 +302,7 @@ class ParallelPhase:
         _bar_close(bar)
 
     def _parallel_epoch(self, epoch: int) -> dict[str, Any]:
-        """One parallel epoch of the stages this process owns (ALGORITHM.md §5); then every rank
+        """One parallel epoch of the stages this process owns (docs/method.md §5); then every rank
         gets every stage's state from its owner and the epoch's record from every rank."""
         cfg, topo = self.cfg, self.topology
         batches = self._parallel_batches(epoch)

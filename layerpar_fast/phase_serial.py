@@ -1,4 +1,4 @@
-"""The serial phase (ALGORITHM.md §6): back-propagation of the assembled network with data
+"""The serial phase (docs/method.md §6): back-propagation of the assembled network with data
 augmentation. In one process: plain back-propagation. With one process per stage
 (``cfg.serial_on``): "all" = data-parallel over the ranks (DistributedDataParallel, each rank a
 contiguous share of every global batch, augmented exactly as in one process, BatchNorm running

@@ -1,4 +1,4 @@
-"""HybridTrainer: the serial-parallel hybrid schedule (ALGORITHM.md §6), in one process or in
+"""HybridTrainer: the serial-parallel hybrid schedule (docs/method.md §6), in one process or in
 one process per stage.
 
 Phases run in order (``serial:1,parallel:5,serial:2``): serial epochs train the assembled network

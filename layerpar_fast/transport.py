@@ -1,4 +1,4 @@
-"""Stage-to-stage messages of the parallel phase (ALGORITHM.md §5).
+"""Stage-to-stage messages of the parallel phase (docs/method.md §5).
 
 Messages travel on channels ``(src, dst, tag)``; on every channel they are sent in increasing
 step order, so a receiver always knows which step the next message belongs to. Tags:

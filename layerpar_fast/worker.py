@@ -1,4 +1,4 @@
-"""One stage's share of a parallel epoch (ALGORITHM.md §3-§5).
+"""One stage's share of a parallel epoch (docs/method.md §3-§5).
 
 A :class:`StageWorker` owns stage k (0-based ``rank`` here), its optimizer and its auxiliary
 stores, and talks to its neighbours only through a :class:`~layerpar_fast.transport.Transport`.
@@ -42,7 +42,7 @@ class WorkerSettings:
     beta: float              # β_k (unused by the last stage)
     gamma: float             # λ-step weight (Jacobi)
     window: int              # W: max steps ahead of awaited neighbour messages
-    lr_cap: float = math.inf # stage learning-rate cap (ALGORITHM.md §3)
+    lr_cap: float = math.inf # stage learning-rate cap (docs/method.md §3)
     lr_scale: float = 1.0    # this stage's share of the scheduled lr (--stage-lr)
     precision: Precision | None = None   # --amp (autocast of the stage's forward; fp16: loss scaling)
     channels_last: bool = False

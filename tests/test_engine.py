@@ -120,7 +120,7 @@ def assert_all_same(results):
 @pytest.mark.parametrize("window", [1, 3])
 def test_message_timing_does_not_change_the_result(method, order, window):
     """Stages stepped in lockstep and in random interleavings (any order the window allows)
-    end with identical parameters and stores (ALGORITHM.md §5 determinism)."""
+    end with identical parameters and stores (docs/method.md §5 determinism)."""
     assert_all_same(interleaving_results(lambda: trainer(method=method, al_order=order, window=window)))
 
 

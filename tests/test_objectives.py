@@ -1,4 +1,4 @@
-"""The reference formulas of ALGORITHM.md §3-§4 checked against independent autograd solves."""
+"""The reference formulas of docs/method.md §3-§4 checked against independent autograd solves."""
 import pytest
 import torch
 import torch.nn as nn

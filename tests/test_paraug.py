@@ -104,7 +104,7 @@ def test_shifts_change_the_training():
 @pytest.mark.parametrize("method, order", [("al", "gs"), ("al", "jacobi"), ("penalty", "jacobi")])
 def test_shifted_parallel_phase_is_deterministic_and_stores_stay_mirrored(method, order):
     """Any stage interleaving gives the same parameters and stores, and stage k+1's input store
-    still mirrors stage k's targets (ALGORITHM.md §5 semantics kept under shift views)."""
+    still mirrors stage k's targets (docs/method.md §5 semantics kept under shift views)."""
     def mirrored(tr):
         for k in range(len(tr.stages) - 1):
             assert torch.equal(tr.stores["target"][k].table, tr.stores["input"][k + 1].table)
