@@ -74,6 +74,7 @@ GROUPS = {
 VARIANTS: dict[str, list[str]] = {
     "default": [],
     "before": [],      # the defaults before issue 16, run from a checkout of commit 19e88e7
+    "tail25": ["--tail-share", "0.25"],       # the default schedule before issue 16 (serial tail E/4)
     "zero-mult": ["--mult-init", "zero"],       # the multipliers start at 0 (the behaviour before issue 16)
     "grad-mult": ["--mult-init", "grad"],
     "grad-c2": ["--mult-init", "grad", "--beta-c", "2"],
@@ -313,9 +314,28 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
                          f"{ok} | {r['parallel_share']:.2f} | `{r['schedule']}` | {r['wall_s']:.0f} s | "
                          f"{r['serial_wall_s']:.0f} s |")
         lines.append("")
+    lines[6:6] = compact(tables, variants) + [""]
     with open(args.md, "w") as f:
         f.write("\n".join(lines))
     plot(tables, args.png)
+
+
+def compact(tables: dict[str, list[dict[str, Any]]], variants: list[str]) -> list[str]:
+    """One row per (cell, K), one column per variant: gap (parallel share)."""
+    keys = sorted({(r["cell"], r["K"]) for rows in tables.values() for r in rows},
+                  key=lambda x: (list(CELLS).index(x[0]), x[1]))
+    if not keys:
+        return []
+    shown = [v for v in variants if tables.get(v)]
+    out = ["Gap against serial in points (share of the epochs run in parallel); one seed unless said:", "",
+           "| cell | K | " + " | ".join(f"`{v}`" for v in shown) + " |", "|---|---|" + "---|" * len(shown)]
+    for cell, k in keys:
+        row = []
+        for v in shown:
+            r = next((r for r in tables[v] if r["cell"] == cell and r["K"] == k), None)
+            row.append("-" if r is None else f"{r['gap']:+.2f} ({r['parallel_share']:.2f})")
+        out.append(f"| {cell} | {k} | " + " | ".join(row) + " |")
+    return out
 
 
 def plot(tables: dict[str, list[dict[str, Any]]], path: str) -> None:
