@@ -66,8 +66,11 @@ def dist_env() -> DistEnv | None:
     return DistEnv(rank, world, local, local_world)
 
 
-def backend_for_this_machine() -> str:
-    """NCCL when CUDA is usable, gloo otherwise."""
+def backend_for_this_machine(device: str = "auto") -> str:
+    """NCCL when the run trains on CUDA (``device`` auto with a GPU, or cuda), gloo otherwise
+    (``--device cpu`` on a GPU machine keeps every tensor, and so every message, on the CPU)."""
+    if device == "cpu":
+        return "gloo"
     return "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
 
 

@@ -245,7 +245,7 @@ def run_member(cfg: Config, run_dir: str | None, resume: bool) -> int:
     """
     import torch.distributed as dist
 
-    from .dist import DistTrainer, dist_env, init_process_group
+    from .dist import DistTrainer, backend_for_this_machine, dist_env, init_process_group
     from .transport import TransportError
 
     env = dist_env()
@@ -254,7 +254,7 @@ def run_member(cfg: Config, run_dir: str | None, resume: bool) -> int:
     try:
         _die_with_launcher()
         prefer_eager_module_loading()          # torchrun members: before CUDA is first used
-        init_process_group(cfg.timeout_s)
+        init_process_group(cfg.timeout_s, backend_for_this_machine(cfg.device))
         if rank != 0:                      # one display: rank 0 prints, the others stay quiet
             warnings.simplefilter("ignore")
         box = [run_dir]                    # rank 0's choice (default names carry a time stamp)

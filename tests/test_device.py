@@ -93,7 +93,7 @@ def test_cli_refuses_before_any_work(monkeypatch, tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("layerpar: error: --device cuda, but torch sees no CUDA device")
     assert not out.exists()
     assert main(["train", "--device", "tpu", "--out", str(out)]) == 2
-    assert "--device 'tpu' is not one of auto, cpu, cuda" in capsys.readouterr().err
+    assert "argument --device: invalid choice: 'tpu'" in capsys.readouterr().err
 
 
 def _fake_launcher(monkeypatch):
@@ -130,3 +130,11 @@ def test_launch_local_refuses_before_starting_workers(monkeypatch, tmp_path):
     with pytest.raises(ConfigError, match="2 local ranks need 2 GPUs, but 1 is visible"):
         launch.launch_local(make_config(method="al", stages=2, ds=2, epochs=4), str(tmp_path), False)
     assert seen == {}
+
+
+def test_device_cpu_keeps_gloo_on_a_gpu_machine(monkeypatch):
+    from layerpar_fast import dist as D
+    monkeypatch.setattr(D.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(D.dist, "is_nccl_available", lambda: True)
+    assert D.backend_for_this_machine("cpu") == "gloo"
+    assert D.backend_for_this_machine("auto") == "nccl" and D.backend_for_this_machine("cuda") == "nccl"
