@@ -68,7 +68,7 @@ def test_cpu_host_stores_give_one_notice_and_are_recorded(tmp_path):
     tr.run()
     notices = [m for m in lines if "--aux-device host" in m and "notice" in m]
     assert len(notices) == 1 and "ordinary memory" in notices[0]
-    assert any(m.startswith("auxiliary stores:") and "in host memory" in m for m in lines)
+    assert any(m.startswith("auxiliary stores of all") and "in host memory" in m for m in lines)
     par = [r for r in tr.records if r["phase"] == "parallel"]
     assert par and all(r["aux_device"] == "host" and r["aux_memory_bytes"] > 0 for r in par)
 

@@ -117,8 +117,12 @@ def test_cli_resume_may_change_transport_and_device_only(tmp_path):
     (run / "config.json").write_text(json.dumps(saved))
     (run / "checkpoint.pt").write_bytes(b"")
     args = cli._build_parser().parse_args(["train", "--resume", str(run), "--transport", "local",
-                                           "--device", "cpu", "--method", "penalty", "--ds", "1"])
+                                           "--device", "cpu"])
     cfg, run_dir, resume = cli._train_config(args)
     assert resume and run_dir == str(run)
     assert cfg.transport == "local" and cfg.device == "cpu"
     assert cfg.method == "al" and cfg.ds == 2            # the training itself is the saved one
+    for changed in (["--method", "penalty"], ["--ds", "1"]):  # never ignored silently: refused
+        args = cli._build_parser().parse_args(["train", "--resume", str(run), *changed])
+        with pytest.raises(ConfigError, match="cannot change on --resume"):
+            cli._train_config(args)
