@@ -36,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import peers_lib as P  # noqa: E402
 from peers_lib import UsageError  # noqa: E402
+from bench_parallel_epoch import _load  # noqa: E402  (the machine load beside each timing)
 
 PROG = "bench_peers"
 _CHILDREN: list[subprocess.Popen] = []
@@ -247,12 +248,6 @@ def worker(argv: list[str]) -> int:
     return 0
 
 
-def _load() -> str:
-    try:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return "unknown"
 
 
 # ------------------------------------------------------------------------------------ a link's launch

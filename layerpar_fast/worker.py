@@ -317,16 +317,7 @@ class StageWorker:
 
     def end_epoch(self) -> EpochStats:
         """Drain: receive and apply every outstanding message of this epoch, then flush sends."""
-        last = len(self.batches) - 1
-        if not self.last:
-            self._wait("g", self.rank + 1, last)
-        if not self.first:
-            self._wait("in", self.rank - 1, last)
-        self._drain_ready()
-        if self._deferred or self._pending_a:
-            raise TransportError(f"stage {self.rank}: {len(self._deferred)} messages and "
-                                 f"{len(self._pending_a)} pending a_k left after the epoch drain")
-        self.tp.flush()
+        self._drain_all(wait_in=True, what="epoch")
         for name in ("data_s", "compute_s", "update_s"):   # device time on a GPU (one read per epoch)
             setattr(self.stats, name, self.clock.total(name))
         return self.stats.finalize()
@@ -400,15 +391,20 @@ class StageWorker:
 
     def end_grad_init(self) -> None:
         """Drain the warm start's messages (like :meth:`end_epoch`)."""
+        self._drain_all(wait_in=self.form == "jacobi", what="warm-start")
+
+    def _drain_all(self, wait_in: bool, what: str) -> None:
+        """Receive and apply every message of this pass ("g" always, "in" when ``wait_in``), check
+        that nothing is left over, and flush the sends."""
         last = len(self.batches) - 1
         if not self.last:
             self._wait("g", self.rank + 1, last)
-        if not self.first and self.form == "jacobi":
+        if not self.first and wait_in:
             self._wait("in", self.rank - 1, last)
         self._drain_ready()
         if self._deferred or self._pending_a:
             raise TransportError(f"stage {self.rank}: {len(self._deferred)} messages and "
-                                 f"{len(self._pending_a)} pending a_k left after the warm-start drain")
+                                 f"{len(self._pending_a)} pending a_k left after the {what} drain")
         self.tp.flush()
 
     # ---------------------------------------------------------------------------------------
