@@ -58,9 +58,9 @@ for _p in (ROOT, HERE):           # the repository's package, and bench_gpu / be
 
 import torch  # noqa: E402
 
-SECTIONS = ("info", "ops", "syncdebug", "match", "stages")
-RUN_ORDER = ("info", "syncdebug", "match", "ops", "stages")
-LIMITS_S = {"info": 60, "syncdebug": 120, "match": 200, "ops": 180, "stages": 150}
+SECTIONS = ("info", "ops", "syncdebug", "match", "stages", "memprec")
+RUN_ORDER = ("info", "syncdebug", "match", "ops", "stages", "memprec")
+LIMITS_S = {"info": 60, "syncdebug": 120, "match": 200, "ops": 180, "stages": 150, "memprec": 150}
 OK_STATUSES = ("ok", "pass")
 MATCH_TOL = 1e-3        # GPU against CPU, per step, over the first serial and the first parallel epoch
 MATCH_TOL_TINY = 1e-2   # --tiny on CPU: 1 against 2 threads at batch 64, a harness check
@@ -486,8 +486,62 @@ def sec_stages(res: dict[str, Any], args: argparse.Namespace, device: torch.devi
     return "ok"
 
 
+def sec_memprec(res: dict[str, Any], args: argparse.Namespace, device: torch.device) -> str:
+    """Issue 15 on a GPU: one parallel epoch of ResNet-56 (K = 2, --transport local) with the
+    auxiliary stores on the device and in pinned host memory (prefetch + asynchronous write-back),
+    fp32 and bf16 autocast; rounds interleaved, medians. The share of store traffic hidden =
+    1 - (host epoch - device epoch) / (the epoch's store rows copied host->device synchronously)."""
+    import statistics
+    from layerpar_fast.data import Dataset
+    from layerpar_fast.trainer import HybridTrainer
+    tiny = args.tiny
+    n, model = (256, "resnet20") if tiny else (5120, "resnet56")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (n + 64, 3, 32, 32), generator=g, dtype=torch.uint8)
+    y = torch.randint(0, 10, (n + 64,), generator=g)
+    data = Dataset(name="random-cifar", x_train=x[:n], y_train=y[:n], x_test=x[n:], y_test=y[n:], num_classes=10,
+                   mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    combos = [("device", "off"), ("host", "off"), ("device", "bf16"), ("host", "bf16")]
+    res.update(model=model, images=n, K=2, batch=64 if tiny else 128)
+    trainers = {}
+    for aux, amp in combos:
+        cfg = _k2_config(device, res["batch"], "parallel:1", None, tiny, model=model, aux_device=aux, amp=amp,
+                         bn_recalib_batches=1, kappa_iters=2, augment="none")
+        tr = HybridTrainer(cfg, None, data=data, log=lambda m: None)
+        tr._enter_parallel(0, 0)
+        trainers[(aux, amp)] = tr
+    times: dict[tuple[str, str], list[float]] = {c: [] for c in combos}
+    for _ in range(2 if tiny else 3):
+        for c in combos:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            trainers[c]._parallel_epoch(0)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times[c].append(time.perf_counter() - t0)
+    tr = trainers[("host", "off")]
+    stores = [st for lst in tr.stores.values() for st in lst if st is not None]
+    t0 = time.perf_counter()
+    for b in tr._parallel_batches(0):
+        for st in stores:
+            rows = st.table[b]
+            rows.to(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    copy_s = time.perf_counter() - t0
+    med = {f"{a}/{p}": statistics.median(v) for (a, p), v in times.items()}
+    res["epoch_s"] = med
+    res["store_copy_s"] = copy_s
+    for p in ("off", "bf16"):
+        extra = med[f"host/{p}"] - med[f"device/{p}"]
+        res[f"hidden_share_{p}"] = None if copy_s <= 0 else max(0.0, min(1.0, 1 - extra / copy_s))
+    res["bf16_speedup"] = med["device/off"] / med["device/bf16"]
+    return "ok"
+
+
 SECTION_FNS: dict[str, Callable[..., str]] = {"info": sec_info, "ops": sec_ops, "syncdebug": sec_syncdebug,
-                                              "match": sec_match, "stages": sec_stages}
+                                              "match": sec_match, "stages": sec_stages, "memprec": sec_memprec}
 
 
 # --------------------------------------------------------------------------------------- report
@@ -642,7 +696,20 @@ def _md_stages(r: dict[str, Any]) -> list[str]:
     return out + [""]
 
 
-_MD = {"info": _md_info, "ops": _md_ops, "syncdebug": _md_syncdebug, "match": _md_match, "stages": _md_stages}
+def _md_memprec(r: dict[str, Any]) -> list[str]:
+    if not r.get("epoch_s"):
+        return []
+    out = [f"One parallel epoch, {r['model']}, K = 2, {r['images']} images, batch {r['batch']} (medians):", "",
+           "| stores / autocast | epoch s |", "|---|---:|"]
+    out += [f"| {k} | {v:.3f} |" for k, v in r["epoch_s"].items()]
+    out += ["", f"Store rows copied host->device synchronously: {r['store_copy_s']:.3f} s per epoch; share of "
+            f"that traffic hidden by the prefetch: fp32 {_f(r.get('hidden_share_off'), '.2f')}, bf16 "
+            f"{_f(r.get('hidden_share_bf16'), '.2f')}; bf16 autocast speed-up {r['bf16_speedup']:.2f}x.", ""]
+    return out
+
+
+_MD = {"info": _md_info, "ops": _md_ops, "syncdebug": _md_syncdebug, "match": _md_match, "stages": _md_stages,
+       "memprec": _md_memprec}
 
 
 # ----------------------------------------------------------------------------------- execution
