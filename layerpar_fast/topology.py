@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import threading
+from abc import ABC, abstractmethod
 import time
 from typing import Any
 
@@ -187,7 +188,7 @@ def _wait_for_rank0(key: str, timeout_s: float, what: str) -> None:
 
 
 # ------------------------------------------------------------------------------------ topologies
-class Topology:
+class Topology(ABC):
     """Which stages this process owns, and the collectives over all processes of the run."""
 
     rank: int = 0
@@ -198,9 +199,9 @@ class Topology:
         """Whether this process logs, shows progress and writes the run files."""
         return self.rank == 0
 
+    @abstractmethod
     def owns(self, k: int) -> bool:
         """Whether this process trains stage ``k`` in parallel phases (and holds its stores)."""
-        raise NotImplementedError
 
     def owned(self, num_stages: int) -> list[int]:
         return [k for k in range(num_stages) if self.owns(k)]
@@ -209,9 +210,9 @@ class Topology:
         """Processes of this run on this machine (they share its cores)."""
         return 1
 
+    @abstractmethod
     def transports(self, stages: list[int], num_stages: int) -> list[Transport]:
         """A transport per owned stage for one parallel epoch."""
-        raise NotImplementedError
 
     def gather(self, obj: Any) -> list[Any]:
         """``obj`` of every rank, in rank order."""
