@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import sys
 import warnings
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -32,12 +31,7 @@ SHAPES = [(b, c, k) for b in (1, 3) for c in (3, 5) for k in (2, 4)]  # (B, C, H
 needs_ext = pytest.mark.skipif(not _ext.available(), reason="C++ extension layerpar_fast._C not built")
 
 
-@pytest.fixture(autouse=True)
-def _clean_backend(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.delenv("LAYERPAR_OPS", raising=False)
-    ops.reset_backend_cache()
-    yield
-    ops.reset_backend_cache()
+pytestmark = pytest.mark.usefixtures("clean_backend")   # conftest.py
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import types
 import warnings
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -25,12 +24,7 @@ from layerpar_fast.filters import FilterPair
 CUDA0 = torch.device("cuda", 0)
 
 
-@pytest.fixture(autouse=True)
-def _clean_backend(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.delenv("LAYERPAR_OPS", raising=False)
-    ops.reset_backend_cache()
-    yield
-    ops.reset_backend_cache()
+pytestmark = pytest.mark.usefixtures("clean_backend")   # conftest.py
 
 
 def _triton_imports(monkeypatch: pytest.MonkeyPatch) -> None:
