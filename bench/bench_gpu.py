@@ -259,6 +259,17 @@ def bench_stages(timer: Timer, models: list[str], ks: list[int], batch: int, ima
 
 
 # --------------------------------------------------------------------------------------- report
+def ops_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The markdown table of the ops section (also used by gpu_check.py)."""
+    out = ["| case | reference ms | fused ms | speed-up | fused GB/s | of copy bandwidth |",
+           "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        peak = "-" if r["of_peak"] is None else f"{100 * r['of_peak']:.0f}%"
+        out.append(f"| {r['case']} | {r['ref_ms']:.3f} | {r['fused_ms']:.3f} | {r['speedup']:.2f}x | "
+                   f"{r['fused_gbs']:.1f} | {peak} |")
+    return out
+
+
 def markdown(res: dict[str, Any], command: str) -> str:
     info = res["device"]
     lines = [f"# GPU benchmarks (issue 5): {info.get('name')}", "",
@@ -272,14 +283,7 @@ def markdown(res: dict[str, Any], command: str) -> str:
                   + (f"; host->device from pinned memory: {c['h2d_pinned_gbs']:.1f} GB/s" if "h2d_pinned_gbs" in c
                      else ""), ""]
     if "ops" in res:
-        lines += ["## Fused ops against the reference", "",
-                  "| case | reference ms | fused ms | speed-up | fused GB/s | of copy bandwidth |",
-                  "|---|---:|---:|---:|---:|---:|"]
-        for r in res["ops"]:
-            peak = "-" if r["of_peak"] is None else f"{100 * r['of_peak']:.0f}%"
-            lines.append(f"| {r['case']} | {r['ref_ms']:.3f} | {r['fused_ms']:.3f} | {r['speedup']:.2f}x | "
-                         f"{r['fused_gbs']:.1f} | {peak} |")
-        lines.append("")
+        lines += ["## Fused ops against the reference", "", *ops_table(res["ops"]), ""]
     if "ring" in res:
         r = res["ring"]
         ov = "-" if r["overlap"] is None else f"{100 * r['overlap']:.0f}%"

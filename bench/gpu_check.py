@@ -604,6 +604,7 @@ def _md_info(r: dict[str, Any]) -> list[str]:
 
 
 def _md_ops(r: dict[str, Any]) -> list[str]:
+    import bench_gpu
     out = []
     c = r.get("copy")
     if c:
@@ -613,13 +614,7 @@ def _md_ops(r: dict[str, Any]) -> list[str]:
     if r.get("cases"):
         out += [f"Every case was checked against the reference (`LAYERPAR_OPS=ref`) before timing; fused = "
                 f"`{r.get('fast')}`. Issue 5 aims at >= 70% of the copy bandwidth.", "",
-                "| case | reference ms | fused ms | speed-up | fused GB/s | of copy bandwidth |",
-                "|---|---:|---:|---:|---:|---:|"]
-        for x in r["cases"]:
-            peak = "-" if x["of_peak"] is None else f"{100 * x['of_peak']:.0f}%"
-            out.append(f"| {x['case']} | {x['ref_ms']:.3f} | {x['fused_ms']:.3f} | {x['speedup']:.2f}x | "
-                       f"{x['fused_gbs']:.1f} | {peak} |")
-        out.append("")
+                *bench_gpu.ops_table(r["cases"]), ""]
     sm = r.get("summary")
     if sm:
         out += [f"{sm['cases']} cases; lowest speed-up {sm['min_speedup']:.2f}x; lowest share of the copy "

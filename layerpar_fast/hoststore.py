@@ -294,9 +294,6 @@ class HostAuxStore(TensorAuxStore):
     def memory_bytes(self) -> int:
         return self._table.numel() * self._table.element_size()
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"table": self.table, "dtype": self.dtype_name, "row_shape": self.row_shape}
-
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._drop()
         self._flush()
