@@ -87,6 +87,9 @@ VARIANTS: dict[str, list[str]] = {
     "stale": ["--stage-lr", "staleness"],
     "grad-stale": ["--mult-init", "grad", "--stage-lr", "staleness"],
     "grad-stale-tail50": ["--mult-init", "grad", "--stage-lr", "staleness", "--tail-share", "0.5"],
+    # controls and placements for the 10-epoch CIFAR-10 cell (explicit schedules, E = 10)
+    "allserial10": ["--schedule", "serial:10"],            # K simulated data-parallel shares, no parallel phase
+    "late10": ["--schedule", "serial:3,parallel:2,serial:5"],   # the parallel phase at a lower learning rate
 }
 
 

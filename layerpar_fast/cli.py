@@ -89,7 +89,7 @@ _DEFAULT_HELP = {"data_dir": "$LAYERPAR_DATA_DIR or ~/.cache/layerpar_fast", "fi
 _GROUP_ORDER = ("data", "model", "method", "schedule and optimisation", "distributed and devices", "output")
 _GROUPS = {
     "data": ("dataset", "data_dir", "subset", "test_subset", "augment", "cifar100_labels"),
-    "model": ("model", "channels_last", "amp"),
+    "model": ("model", "channels_last", "amp", "compile"),
     "method": ("method", "stages", "cuts", "balance", "ds", "filter", "beta", "beta_c", "gamma", "al_order",
                "mult_init", "stage_lr", "window", "parallel_augment", "aux_dtype", "aux_device", "kappa_iters",
                "bn_recalib_batches"),
@@ -122,6 +122,8 @@ _CHOICES = _choices()
 
 _BOOL_OPTIONS = {
     "channels_last": "use channels_last memory format",
+    "compile": "torch.compile each stage's forward + local loss (parallel phases) and the assembled "
+               "network (serial phases); the fused ops are custom ops, so a stage is one graph",
     "nesterov": "Nesterov momentum",
     "wd_bn": "apply weight decay to BatchNorm weights and biases",
     "progress": "show progress bars",
@@ -213,7 +215,7 @@ def _train_config(args: argparse.Namespace) -> tuple[Config, str, bool]:
 
 
 #: options a resumed run may change: how it runs, not what it computes
-RESUME_RUNTIME = ("threads", "progress", "timeout_s", "transport", "device", "aux_device", "data_dir",
+RESUME_RUNTIME = ("threads", "progress", "timeout_s", "transport", "device", "aux_device", "compile", "data_dir",
                   "checkpoint_every", "eval_batch_size")
 
 

@@ -45,6 +45,7 @@ class Config:
     model: str = "mnist_resnet"
     channels_last: bool = False
     amp: str = "off"
+    compile: bool = False
     # method and schedule
     method: str = "serial"
     epochs: int | None = None

@@ -315,6 +315,74 @@ def _triton_bwd(gc: torch.Tensor, grad_loss: torch.Tensor, s: int, dtype: torch.
 _IMPLS = {"cpp": (_cpp_fwd, _cpp_bwd), "triton": (_triton_fwd, _triton_bwd)}
 
 
+# ------------------------------------------------------------------ torch.compile custom ops
+# Under torch.compile the fused local loss is the custom op ``layerpar::local_loss_fwd`` (its
+# backward ``layerpar::local_loss_bwd``): opaque to Dynamo, so a compiled stage (forward + local
+# loss) is one graph with no break at the fused op; the fake implementations give Inductor the
+# output shapes, dtypes and layouts without running a kernel. Eager calls keep the
+# autograd.Function below (no dispatcher overhead, and at s = 1 the gradient is passed through
+# without a copy: a custom op may not return an alias of its input).
+def _coarse(o: torch.Tensor, s: int) -> tuple[int, int, int, int]:
+    b, c, h, w = o.shape
+    return (b, c, h // s, w // s)
+
+
+def _writes_a(o: torch.Tensor, s: int) -> bool:
+    """False where the kernels skip writing a = D(o) because it is o itself (s = 1, contiguous fp32)."""
+    return not (s == 1 and o.dtype == torch.float32 and o.is_contiguous())
+
+
+@torch.library.custom_op("layerpar::local_loss_fwd", mutates_args=())
+def _lib_local_loss_fwd(o: torch.Tensor, target: torch.Tensor, mult: torch.Tensor | None, beta: float,
+                        gs: bool, s: int, need_grad: bool, backend: str
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    loss, a, gc = _IMPLS[backend][0](o, target, mult, beta, gs, s, need_grad)
+    # outputs of a custom op never alias each other or an input: "absent" is an empty tensor
+    return loss, (o.new_empty(0, dtype=loss.dtype) if a is None else a), \
+        (o.new_empty(0, dtype=loss.dtype) if gc is None else gc)
+
+
+@_lib_local_loss_fwd.register_fake
+def _(o: torch.Tensor, target: torch.Tensor, mult: torch.Tensor | None, beta: float, gs: bool, s: int,
+      need_grad: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dt = torch.float64 if o.dtype == torch.float64 else torch.float32
+    coarse = _coarse(o, s)
+    a = o.new_empty(coarse if _writes_a(o, s) else (0,), dtype=dt)
+    gc = o.new_empty(coarse if need_grad else (0,), dtype=dt)
+    return o.new_empty((), dtype=dt), a, gc
+
+
+@torch.library.custom_op("layerpar::local_loss_bwd", mutates_args=())
+def _lib_local_loss_bwd(gc: torch.Tensor, grad_loss: torch.Tensor, s: int, dtype: torch.dtype,
+                        channels_last: bool, backend: str) -> torch.Tensor:
+    grad_o = _IMPLS[backend][1](gc, grad_loss, s, dtype, channels_last)
+    return grad_o.clone() if grad_o is gc else grad_o
+
+
+@_lib_local_loss_bwd.register_fake
+def _(gc: torch.Tensor, grad_loss: torch.Tensor, s: int, dtype: torch.dtype, channels_last: bool,
+      backend: str) -> torch.Tensor:
+    b, c, h, w = gc.shape
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return gc.new_empty((b, c, h * s, w * s), dtype=dtype).contiguous(memory_format=fmt)
+
+
+def _lib_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
+    o, _t, _m, _beta, _gs, s, _ng, backend = inputs
+    ctx.save_for_backward(output[2])
+    ctx.meta = (s, o.dtype, _is_cl(o), backend)
+
+
+def _lib_backward(ctx: Any, grad_loss: torch.Tensor, _ga: Any, _gg: Any) -> tuple[Any, ...]:
+    (gc,) = ctx.saved_tensors
+    s, dtype, channels_last, backend = ctx.meta
+    grad_o = torch.ops.layerpar.local_loss_bwd(gc, grad_loss, s, dtype, channels_last, backend)
+    return grad_o, None, None, None, None, None, None, None
+
+
+_lib_local_loss_fwd.register_autograd(_lib_backward, setup_context=_lib_setup)
+
+
 class _FusedLocalLoss(torch.autograd.Function):
     """loss(o) with a = D(o) and ∂loss/∂a computed in the forward pass over o; the backward
     expands the coarse gradient: grad_o = Dᵀ(∂loss/∂a)·grad_loss (target/mult are constants)."""
@@ -365,7 +433,9 @@ def local_loss(o: torch.Tensor, target: torch.Tensor, mult: torch.Tensor | None,
     loss and the coarse gradient; ``loss.backward()`` then writes grad_o in o's layout.
     """
     _check_loss_args(o, target, mult, form, filt)
-    devsync.first_call("local_loss", o, target, mult)
+    compiling = torch.compiler.is_compiling()
+    if not compiling:    # (under torch.compile the compiled stage's first call is the sync point)
+        devsync.first_call("local_loss", o, target, mult)
     backend = _backend_for(o.device)
     if backend == "ref":
         return ref.local_loss(o, target, mult, beta, form, filt)
@@ -378,7 +448,11 @@ def local_loss(o: torch.Tensor, target: torch.Tensor, mult: torch.Tensor | None,
         if want is not None:
             t = t.to(want)
             m = None if m is None else m.to(want)
-    loss, a = _FusedLocalLoss.apply(x, t, m, float(beta), form == "gs", filt.s, backend)
+    if compiling:
+        loss, a, _ = torch.ops.layerpar.local_loss_fwd(x, t, m, float(beta), form == "gs", filt.s,
+                                                       bool(x.requires_grad), backend)
+    else:
+        loss, a = _FusedLocalLoss.apply(x, t, m, float(beta), form == "gs", filt.s, backend)
     if a.numel() == 0:
         a = x.detach()  # s = 1: a = D(o) = o, shared like the reference's o.float().detach()
     return loss, a.float()

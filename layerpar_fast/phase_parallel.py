@@ -200,7 +200,7 @@ class ParallelPhase:
                                beta=ps.betas[k], gamma=cfg.gamma, window=cfg.window, lr_cap=ps.lr_caps[k],
                                lr_scale=self._stage_lr_scale(k), precision=self.precision,
                                channels_last=cfg.channels_last, label_smoothing=cfg.label_smoothing,
-                               augment=self.shift_aug)
+                               augment=self.shift_aug, compile=cfg.compile)
                 for k in range(len(self.stages))]
 
     def _enter_parallel(self, pidx: int, epoch: int) -> None:

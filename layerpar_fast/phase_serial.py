@@ -36,6 +36,16 @@ class SerialPhase:
         cfg = self.cfg
         return cfg.stages if (cfg.serial_on == "all" and cfg.stages > 1 and self.topology.world == 1) else 1
 
+    @property
+    def _serial_model(self) -> nn.Module:
+        """The assembled network, compiled once with ``--compile`` (sharing its parameters)."""
+        if not self.cfg.compile:
+            return self.model
+        if getattr(self, "_compiled_model", None) is None:
+            from .worker import compile_fn
+            self._compiled_model = compile_fn(self.model)
+        return self._compiled_model
+
     def _serial_epoch_local(self, epoch: int, shards: int | None = None) -> dict[str, Any]:
         """One epoch of back-propagation of the assembled network in this process. With
         ``shards`` = R > 1 it computes what R data-parallel ranks compute: every global batch is
@@ -75,7 +85,7 @@ class SerialPhase:
                 if r is not None:
                     _load_bn(bns, shard_bufs[r])
                 with self.precision.autocast():
-                    out = self.model(xs)
+                    out = self._serial_model(xs)
                 loss_sum = F.cross_entropy(out.float(), ys, reduction="sum", label_smoothing=cfg.label_smoothing)
                 scaler.scale(loss_sum / n).backward()
                 if r is not None:
@@ -135,6 +145,8 @@ class SerialPhase:
         self.model.train()
         ddp = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                   **_no_buffer_sync(DDP))
+        if cfg.compile:
+            ddp = torch.compile(ddp)
         loader = self.train_loader
         batches = loader.batches(epoch)
         bar = _bar(len(batches), f"epoch {epoch + 1}/{self.total_epochs} serial ({k} ranks)", cfg.progress)

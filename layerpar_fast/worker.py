@@ -18,7 +18,7 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -48,6 +48,7 @@ class WorkerSettings:
     channels_last: bool = False
     label_smoothing: float = 0.0
     augment: ShiftAugment | None = None  # shift views of the parallel phase (paraug.py)
+    compile: bool = False                # torch.compile the stage's forward + loss (--compile)
 
 
 @dataclass
@@ -106,6 +107,16 @@ class EpochStats:
         return d
 
 
+def compile_fn(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """torch.compile for the engine: one code object serves every stage of a process (and every
+    phase), each with its own guards, so the recompile limit is raised to hold them all."""
+    import torch._dynamo.config as dcfg
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dcfg, name) and getattr(dcfg, name) < 64:
+            setattr(dcfg, name, 64)
+    return torch.compile(fn)
+
+
 class StageWorker:
     """Stage ``rank`` of ``world`` in the parallel phase."""
 
@@ -126,6 +137,7 @@ class StageWorker:
         self.prec = settings.precision or Precision("off", device)
         self.scaler = scaler if scaler is not None else self.prec.scaler()
         self.form = "gs" if (settings.method == "al" and settings.order == "gs") else "jacobi"
+        self._loss_fn = compile_fn(self._forward_loss) if settings.compile else self._forward_loss
         if not self.first and input_store is None:
             raise ValueError(f"stage {rank} needs an input store")
         if not self.last and target_store is None:
@@ -210,6 +222,30 @@ class StageWorker:
         self._drain_ready()
         self.clock.add("update_s", t2, self.clock.now())
 
+    def _forward_loss(self, z: torch.Tensor, target: torch.Tensor | None, mult: torch.Tensor | None,
+                      y: torch.Tensor | None, sh: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """Stage forward and its loss: ``(loss, correct)`` for the last stage, ``(loss, a,
+        drift_num, drift_den)`` for the others. Compiled as one graph with ``--compile`` (the
+        fused local loss is a custom op there); the caller does everything with side effects."""
+        with nvtx_range(f"stage{self.rank}/forward"), self.prec.autocast():
+            o = self.module(z)
+        if self.last:
+            loss = F.cross_entropy(o.float(), y, label_smoothing=self.cfg.label_smoothing)
+            return loss, (o.detach().argmax(1) == y).sum()
+        aug = self.cfg.augment
+        with nvtx_range(f"stage{self.rank}/local_loss"):
+            if sh is None:
+                loss, a = ops.local_loss(o, target, mult, self.cfg.beta, self.form, self.filt)
+            else:   # compare in canonical coordinates; positions outside the view keep λ̃, u
+                vis = aug.visible(sh, tuple(target.shape[-2:]), target.device)
+                zero = torch.zeros((), dtype=target.dtype, device=target.device)
+                loss, a = ops.local_loss(aug.canonical(o, sh), torch.where(vis, target, zero),
+                                         None if mult is None else torch.where(vis, mult, zero),
+                                         self.cfg.beta, self.form, self.filt)
+                a = torch.where(vis, a.detach(), target.to(a.dtype))
+        tgt = target.float()
+        return loss, a, (a - tgt).pow(2).sum(), tgt.pow(2).sum()
+
     def _train_on(self, idx: torch.Tensor, sh: torch.Tensor | None, lr: float,
                   send_a: Callable[[torch.Tensor], None] | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Read, forward, local loss, backward, optimizer step on rows ``idx`` (view shifts ``sh``);
@@ -234,29 +270,17 @@ class StageWorker:
         for group in self.opt.param_groups:
             group["lr"] = lr
         devsync.first_call(f"stage{self.rank}/forward+backward", z)   # kernel loads, cuDNN search
-        with nvtx_range(f"stage{self.rank}/forward"), self.prec.autocast():
-            o = self.module(z)
         b = len(idx)
         st = self.stats
         if self.last:
             y = self.y_train[idx].to(self.device, non_blocking=True)
-            loss = F.cross_entropy(o.float(), y, label_smoothing=self.cfg.label_smoothing)
-            st.add("correct", (o.detach().argmax(1) == y).sum())
+            loss, correct = self._loss_fn(z, None, None, y, None)
+            st.add("correct", correct)
             a = None
         else:
-            with nvtx_range(f"stage{self.rank}/local_loss"):
-                if sh is None:
-                    loss, a = ops.local_loss(o, target, mult, self.cfg.beta, self.form, self.filt)
-                else:   # compare in canonical coordinates; positions outside the view keep λ̃, u
-                    vis = aug.visible(sh, tuple(target.shape[-2:]), target.device)
-                    zero = torch.zeros((), dtype=target.dtype, device=target.device)
-                    loss, a = ops.local_loss(aug.canonical(o, sh), torch.where(vis, target, zero),
-                                             None if mult is None else torch.where(vis, mult, zero),
-                                             self.cfg.beta, self.form, self.filt)
-                    a = torch.where(vis, a.detach(), target.to(a.dtype))
-            tgt = target.float()
-            st.add("drift_num", (a - tgt).pow(2).sum())
-            st.add("drift_den", tgt.pow(2).sum())
+            loss, a, drift_num, drift_den = self._loss_fn(z, target, mult, None, sh)
+            st.add("drift_num", drift_num)
+            st.add("drift_den", drift_den)
             if send_a is not None:
                 send_a(a)
         self.opt.zero_grad(set_to_none=True)
