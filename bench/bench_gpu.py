@@ -47,7 +47,7 @@ import bench_ops  # noqa: E402  (the op cases are shared with the CPU micro-benc
 
 from layerpar_fast import ops  # noqa: E402
 from layerpar_fast.models import build_model, cut_points  # noqa: E402
-from layerpar_fast.staging import balance_by_time, split_model  # noqa: E402
+from layerpar_fast.stages import balance_by_time, split_model  # noqa: E402
 
 SECTIONS = ("copy", "ops", "ring", "stages")
 FUSED_OPS = ("local_loss", "coarse_input_grad", "jacobi_update_", "stage_input")

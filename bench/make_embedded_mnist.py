@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Regenerate layerpar_fast/_data/mnist_small.npz from the shared MNIST archive.
+"""Regenerate layerpar_fast/data/_data/mnist_small.npz from the shared MNIST archive.
 
 Usage: python bench/make_embedded_mnist.py [--src ../shared/data/mnist.npz] [--out PATH]
 
@@ -37,7 +37,7 @@ def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--src", type=Path, default=REPO.parent / "shared" / "data" / "mnist.npz")
-    ap.add_argument("--out", type=Path, default=REPO / "layerpar_fast" / "_data" / "mnist_small.npz")
+    ap.add_argument("--out", type=Path, default=REPO / "layerpar_fast" / "data" / "_data" / "mnist_small.npz")
     args = ap.parse_args()
     with np.load(args.src, allow_pickle=False) as d:
         arrays = {"x_train": d["x_train"][:N_TRAIN], "y_train": d["y_train"][:N_TRAIN],

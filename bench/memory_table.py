@@ -5,7 +5,7 @@ per-device activation memory, for CIFAR-10 ResNets and WideResNets.
     python bench/memory_table.py --quick    # ResNet-20 only (a smoke test)
 
 **Auxiliary stores** (computed from the cut shapes, no training): the trainer's cuts (balanced
-by forward FLOPs, ``staging.parse_cuts(None, ..., balance="flops")``, the default) give the
+by forward FLOPs, ``stages.parse_cuts(None, ..., balance="flops")``, the default) give the
 activation shape (C, H, W) at each cut k = 0..K-2 (``models.cut_points``); the stored rows are
 the coarse (C, H/s, W/s) (``FilterPair.coarse_shape``), one per training sample (N = 50,000).
 Exactly what ``_make_stores`` (phase_parallel.py) allocates: the owner of stage k holds its
@@ -53,7 +53,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from layerpar_fast.filters import FilterPair  # noqa: E402
 from layerpar_fast.models import build_model, cut_points  # noqa: E402
-from layerpar_fast.staging import as_block_sequence, parse_cuts  # noqa: E402
+from layerpar_fast.stages import as_block_sequence, parse_cuts  # noqa: E402
 
 MODELS = {"resnet20": "ResNet-20", "resnet56": "ResNet-56", "resnet110": "ResNet-110",
           "wrn16_4": "WRN-16-4", "wrn28_10": "WRN-28-10"}

@@ -213,7 +213,7 @@ def model_shapes(name: str, cuts: list[int] | None = None, input_shape: tuple[in
                  num_classes: int = 10) -> dict[str, Any]:
     """Parameter bytes, the K = 2 cut (FLOPs-balanced unless given) and its activation shape."""
     from layerpar_fast.models import available_models, build_model, cut_points
-    from layerpar_fast.staging import balance_by_flops
+    from layerpar_fast.stages import balance_by_flops
 
     if name not in available_models():
         raise UsageError(f"unknown model {name!r}; known: {', '.join(available_models())}")

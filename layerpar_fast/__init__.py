@@ -29,8 +29,8 @@ def __getattr__(name: str):
         from . import models
         return getattr(models, name)
     if name in ("split_model", "assemble", "as_block_sequence"):
-        from . import staging
-        return getattr(staging, name)
+        from . import stages
+        return getattr(stages, name)
     raise AttributeError(f"module 'layerpar_fast' has no attribute {name!r}")
 
 

@@ -373,7 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .data import DataError
     from .filters import FilterError
     from .models import ModelError
-    from .staging import StagingError
+    from .stages import StagingError
     parser = _build_parser()
     try:
         args = parser.parse_args(argv)

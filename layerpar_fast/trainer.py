@@ -37,7 +37,7 @@ from .phase_parallel import ParallelPhase, PhaseState
 from .phase_serial import SerialPhase
 from .precision import Precision
 from .progress import _summary_line
-from .staging import StagedModel, as_block_sequence, parse_cuts, split_model
+from .stages import StagedModel, as_block_sequence, parse_cuts, split_model
 from .topology import DistTopology, LocalTopology, Topology
 
 

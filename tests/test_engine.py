@@ -9,7 +9,7 @@ from layerpar_fast.config import make_config
 from layerpar_fast.data import Dataset
 from layerpar_fast.filters import FilterError
 from layerpar_fast.models import BasicBlock, ClassifierHead
-from layerpar_fast.staging import StagingError
+from layerpar_fast.stages import StagingError
 from layerpar_fast.trainer import HybridTrainer
 from layerpar_fast.transport import TransportError
 

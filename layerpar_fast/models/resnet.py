@@ -1,7 +1,7 @@
 """CIFAR ResNets (He et al. 2016) and a small MNIST ResNet, as flat ``nn.Sequential`` models.
 
 Every model is ``[stem, block_1, ..., block_n, head]`` with one module per element, so it can be
-cut at any index (see ``layerpar_fast.staging``). A residual block computes
+cut at any index (see ``layerpar_fast.stages``). A residual block computes
 ``relu(shortcut(x) + f(x))`` (the original post-activation block); at a downsampling block the
 shortcut is a strided 1x1 conv + BN projection (option B).
 """

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from layerpar_fast.models import build_model
-from layerpar_fast.staging import (StagedModel, StagingError, as_block_sequence, assemble,
+from layerpar_fast.stages import (StagedModel, StagingError, as_block_sequence, assemble,
                                    balance_by_flops, balance_by_time, parse_cuts, partition,
                                    profile_times, split_model, stage_costs, stage_of_blocks)
 

@@ -1,4 +1,4 @@
-"""Image data sets as uint8 tensors, a deterministic batch loader and vectorised augmentation.
+"""Image data sets on disk and in memory: the readers and the :class:`Dataset` container.
 
 Sources understood by :func:`load_dataset`:
 
@@ -31,13 +31,12 @@ import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 DATASET_NAMES = ("embedded", "mnist", "cifar10", "cifar100")
-AUGMENT_KINDS = ("crop_flip", "shift")
 
 _EMBEDDED_FILE = "mnist_small.npz"
 _MNIST_FILES = {
@@ -47,8 +46,6 @@ _MNIST_FILES = {
     "y_test": "t10k-labels-idx1-ubyte",
 }
 _CIFAR10_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
-_CIFAR_PAD, _MNIST_SHIFT = 4, 2
-_MASK64 = (1 << 64) - 1
 
 
 class DataError(ValueError):
@@ -181,239 +178,10 @@ def load_dataset(name: str, data_dir: str | None = None, subset: int | None = No
                    coarse_y_test=coarse_te, source=raw.source)
 
 
-# ------------------------------------------------------------------------ normalise / augment
-def normalize(x_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """``(x / 255 - mean) / std`` per channel (channel dim -3), as float32 on ``x``'s device."""
-    scale, shift = _affine(mean, std, _channels(x_uint8), x_uint8.device)
-    return _apply_affine(x_uint8, scale, shift)
-
-
-def augment_batch(x_uint8: torch.Tensor, kind: str | None, generator: torch.Generator) -> torch.Tensor:
-    """Randomly augment a uint8 batch (B, C, H, W); returns a new uint8 tensor of the same shape.
-
-    ``"crop_flip"``: an H x W crop of the image zero-padded by 4 pixels, then a horizontal flip
-    with probability 1/2 (torchvision's RandomCrop(padding=4) + RandomHorizontalFlip).
-    ``"shift"``: a translation by up to 2 pixels in each direction with zero fill, no flip.
-    ``None`` returns ``x_uint8`` itself. Offsets (then flips) are drawn from ``generator``.
-    """
-    if kind is None:
-        return x_uint8
-    if kind not in AUGMENT_KINDS:
-        raise ValueError(f"unknown augmentation {kind!r}; valid: None, {', '.join(AUGMENT_KINDS)}")
-    if x_uint8.dim() != 4 or x_uint8.dtype != torch.uint8:
-        raise ValueError(f"augment_batch needs a uint8 (B, C, H, W) batch, got {x_uint8.dtype} "
-                         f"{tuple(x_uint8.shape)}")
-    pad = _CIFAR_PAD if kind == "crop_flip" else _MNIST_SHIFT
-    return _pad_crop(x_uint8, pad, kind == "crop_flip", generator)
-
-
-def _pad_crop(x: torch.Tensor, pad: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
-    """Crop each image of ``x`` zero-padded by ``pad`` at a random offset (and maybe mirror it).
-
-    Drawn from ``generator`` in this order: ``randint(0, 2 pad + 1, (2, B))`` (row offsets, then
-    column offsets), then, if ``flip``, ``randint(0, 2, (B,))`` (1 = mirror).
-    """
-    b = x.shape[0]
-    dev = generator.device
-    off = torch.randint(0, 2 * pad + 1, (2, b), generator=generator, device=dev).cpu()
-    mirror = torch.randint(0, 2, (b,), generator=generator, device=dev).cpu().bool() if flip else None
-    if x.device.type == "cpu":  # numpy's fancy indexing is several times faster for uint8 on CPU
-        return _crop_numpy(x, pad, off, mirror)
-    return _crop_torch(x, pad, off, mirror)
-
-
-def _crop_numpy(x: torch.Tensor, pad: int, off: torch.Tensor, mirror: torch.Tensor | None) -> torch.Tensor:
-    """Pick each image's window from one strided view of all (2 pad + 1)^2 windows of the padded batch."""
-    b, c, h, w = x.shape
-    padded = np.zeros((b, c, h + 2 * pad, w + 2 * pad), np.uint8)
-    padded[:, :, pad:pad + h, pad:pad + w] = x.numpy()
-    s = padded.strides
-    windows = np.lib.stride_tricks.as_strided(
-        padded, (b, c, 2 * pad + 1, 2 * pad + 1, h, w), (s[0], s[1], s[2], s[3], s[2], s[3]),
-        writeable=False)
-    o = off.numpy()
-    out = windows[np.arange(b), :, o[0], o[1]]
-    if mirror is not None:
-        m = mirror.numpy()
-        out[m] = out[m][..., ::-1]
-    return torch.from_numpy(out)
-
-
-def _crop_torch(x: torch.Tensor, pad: int, off: torch.Tensor, mirror: torch.Tensor | None) -> torch.Tensor:
-    """The same as :func:`_crop_numpy` with torch ops, for images on an accelerator."""
-    b, c, h, w = x.shape
-    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    s = padded.stride()
-    windows = padded.as_strided((b, c, 2 * pad + 1, 2 * pad + 1, h, w), (s[0], s[1], s[2], s[3], s[2], s[3]))
-    off = off.to(x.device)
-    out = windows[torch.arange(b, device=x.device), :, off[0], off[1]]
-    if mirror is not None:
-        out = torch.where(mirror.to(x.device)[:, None, None, None], out.flip(3), out)
-    return out.contiguous()
-
-
-# --------------------------------------------------------------------------------- the loader
-class BatchLoader:
-    """Deterministic mini-batches of ``(idx, x, y)`` from uint8 images held in memory.
-
-    The order of epoch ``e`` is a permutation drawn from a generator seeded by ``(seed, e)``
-    (the identity when ``shuffle`` is false), so any epoch can be replayed without the earlier
-    ones. Batch ``t`` of epoch ``e`` is augmented with a generator seeded by ``(seed, e, t)``.
-    ``idx`` are always row indices into ``x_uint8`` (CPU int64), also when ``indices`` restricts
-    the loader to a subset of rows. ``x`` is float32 normalised, on ``device``; ``y`` int64.
-    """
-
-    def __init__(self, x_uint8: torch.Tensor, y: torch.Tensor, batch_size: int,
-                 mean: Sequence[float], std: Sequence[float], *, shuffle: bool,
-                 augment: str | None = None, seed: int = 0, drop_last: bool = False,
-                 device: str | torch.device = "cpu", channels_last: bool = False,
-                 indices: torch.Tensor | None = None) -> None:
-        if x_uint8.dtype != torch.uint8 or x_uint8.dim() != 4:
-            raise ValueError(f"BatchLoader needs uint8 (N, C, H, W) images, got {x_uint8.dtype} "
-                             f"{tuple(x_uint8.shape)}")
-        if y.dim() != 1 or y.shape[0] != x_uint8.shape[0]:
-            raise ValueError(f"BatchLoader: {tuple(y.shape)} labels for {x_uint8.shape[0]} images")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if augment is not None and augment not in AUGMENT_KINDS:
-            raise ValueError(f"unknown augmentation {augment!r}; valid: None, {', '.join(AUGMENT_KINDS)}")
-        n = x_uint8.shape[0]
-        if indices is not None:
-            indices = torch.as_tensor(indices).to("cpu", torch.int64).reshape(-1)
-            if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= n):
-                raise ValueError(f"BatchLoader: indices must lie in [0, {n})")
-        self.x = x_uint8.contiguous()
-        self.y = y.long()
-        self._x_np = self.x.numpy() if self.x.device.type == "cpu" else None
-        self.batch_size = batch_size
-        self.shuffle = shuffle
-        self.augment = augment
-        self.seed = int(seed)
-        self.drop_last = drop_last
-        self.device = torch.device(device)
-        self.channels_last = channels_last
-        self.indices = indices
-        self.epoch = 0
-        self.mean = tuple(float(m) for m in mean)
-        self.std = tuple(float(s) for s in std)
-        self._scale, self._shift = _affine(self.mean, self.std, x_uint8.shape[1], self.device)
-
-    @property
-    def num_samples(self) -> int:
-        """Number of rows the loader draws from per epoch."""
-        return self.x.shape[0] if self.indices is None else self.indices.numel()
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch that ``__iter__`` yields."""
-        self.epoch = int(epoch)
-
-    def order(self, epoch: int) -> torch.Tensor:
-        """Row indices (int64) in the order they are visited in ``epoch``."""
-        base = self.indices
-        if not self.shuffle:
-            return torch.arange(self.x.shape[0]) if base is None else base.clone()
-        g = torch.Generator().manual_seed(_derive_seed(self.seed, epoch, 0))
-        perm = torch.randperm(self.num_samples, generator=g)
-        return perm if base is None else base[perm]
-
-    def batches(self, epoch: int) -> list[torch.Tensor]:
-        """The index sets of the batches of ``epoch``; the last one is partial unless ``drop_last``."""
-        parts = list(self.order(epoch).split(self.batch_size))
-        if self.drop_last and parts and parts[-1].numel() < self.batch_size:
-            parts.pop()
-        return parts
-
-    def __len__(self) -> int:
-        n = self.num_samples
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        return self.iter_epoch(self.epoch)
-
-    def iter_epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Yield ``(idx, x, y)`` for every batch of ``epoch``."""
-        for t, idx in enumerate(self.batches(epoch)):
-            yield self.load(idx, epoch, t)
-
-    def load(self, idx: torch.Tensor, epoch: int = 0, step: int = 0
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Gather rows ``idx``, augment them as batch ``step`` of ``epoch``, normalise and move."""
-        if self._x_np is not None:  # numpy's take is much faster than torch indexing for uint8
-            xb = torch.from_numpy(np.take(self._x_np, idx.cpu().numpy(), axis=0))
-        else:
-            xb = self.x.index_select(0, idx.to(self.x.device))
-        if self.augment is not None:
-            g = torch.Generator().manual_seed(_derive_seed(self.seed, epoch, 1, step))
-            xb = augment_batch(xb, self.augment, g)
-        yb = self.y.index_select(0, idx.to(self.y.device))
-        if xb.device != self.device:
-            xb = xb.to(self.device, non_blocking=True)
-            yb = yb.to(self.device, non_blocking=True)
-        return idx, _apply_affine(xb, self._scale, self._shift, self.channels_last), yb
-
-
-def _derive_seed(*parts: int) -> int:
-    """A 63-bit seed mixing ``parts`` with splitmix64 (distinct tuples give unrelated seeds)."""
-    h = 0x243F6A8885A308D3
-    for p in parts:
-        z = (h ^ (int(p) & _MASK64)) + 0x9E3779B97F4A7C15 & _MASK64
-        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
-        z = (z ^ (z >> 27)) * 0x94D049BB133111EB & _MASK64
-        h = z ^ (z >> 31)
-    return h & ((1 << 63) - 1)
-
-
-def _channels(x: torch.Tensor) -> int:
-    if x.dim() < 3:
-        raise ValueError(f"expected images with a channel dimension at -3, got shape {tuple(x.shape)}")
-    return int(x.shape[-3])
-
-
-def _affine(mean: Sequence[float], std: Sequence[float], c: int,
-            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``scale = 1 / (255 std)`` and ``shift = -mean / std`` as (C, 1, 1) float32 tensors."""
-    m = torch.as_tensor(mean, dtype=torch.float64).reshape(-1)
-    s = torch.as_tensor(std, dtype=torch.float64).reshape(-1)
-    if m.numel() not in (1, c) or s.numel() not in (1, c):
-        raise ValueError(f"mean/std of length {m.numel()}/{s.numel()} for {c} channels")
-    if bool((s <= 0).any()):
-        raise ValueError(f"std must be positive, got {tuple(s.tolist())}")
-    scale = (1.0 / (255.0 * s)).expand(c).reshape(c, 1, 1)
-    shift = (-m / s).expand(c).reshape(c, 1, 1)
-    return scale.to(device, torch.float32), shift.to(device, torch.float32)
-
-
-def _apply_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
-                  channels_last: bool = False) -> torch.Tensor:
-    """``x * scale + shift`` in float32; channels_last output if asked, else ``x``'s memory format.
-
-    On CPU this runs in single-threaded numpy, which is as fast as torch for a batch and immune
-    to OpenMP slow-downs when the cores are busy.
-    """
-    if x.dtype != torch.uint8 or x.dim() < 3:
-        raise ValueError(f"expected uint8 images (..., C, H, W), got {x.dtype} {tuple(x.shape)}")
-    if x.device.type != "cpu":
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return torch.addcmul(shift.to(x.device), x.to(torch.float32), scale.to(x.device))
-    xn, sc, sh = x.numpy(), scale.cpu().numpy(), shift.cpu().numpy()
-    if not channels_last or x.dim() != 4:
-        out = np.multiply(xn, sc, dtype=np.float32)
-        np.add(out, sh, out=out)
-        return torch.from_numpy(out)
-    b, c, h, w = xn.shape
-    nhwc = np.empty((b, h, w, c), np.uint8)
-    for i in range(c):
-        nhwc[..., i] = xn[:, i]
-    # per-pixel tiled constants keep numpy's inner loop long (a length-C inner loop is slow)
-    out = np.multiply(nhwc.reshape(b, -1), np.tile(sc.reshape(c), h * w), dtype=np.float32)
-    np.add(out, np.tile(sh.reshape(c), h * w), out=out)
-    return torch.from_numpy(out.reshape(b, h, w, c)).permute(0, 3, 1, 2)
-
 
 # ------------------------------------------------------------------------ source: embedded/npz
 def _load_embedded() -> _Raw:
-    res = importlib.resources.files(__package__ or "layerpar_fast").joinpath("_data", _EMBEDDED_FILE)
+    res = importlib.resources.files(__package__ or "layerpar_fast.data").joinpath("_data", _EMBEDDED_FILE)
     with importlib.resources.as_file(res) as path:
         if not Path(path).is_file():
             raise DataError(f"{path}: the embedded data set is missing from the installation")
