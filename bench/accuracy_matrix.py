@@ -90,6 +90,7 @@ VARIANTS: dict[str, list[str]] = {
     # controls and placements for the 10-epoch CIFAR-10 cell (explicit schedules, E = 10)
     "allserial10": ["--schedule", "serial:10"],            # K simulated data-parallel shares, no parallel phase
     "late10": ["--schedule", "serial:3,parallel:2,serial:5"],   # the parallel phase at a lower learning rate
+    "bf16": ["--amp", "bf16"],                                   # mixed precision (issue 15's accuracy check)
 }
 
 

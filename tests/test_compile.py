@@ -75,3 +75,13 @@ def test_compile_run_equals_the_eager_run():
         else:
             assert torch.equal(a, b)
     assert [r["phase"] for r in comp.records] == ["serial", "parallel", "serial"]
+
+
+def test_bench_compile_refuses_bad_arguments(capsys):
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+    import bench_compile
+    with pytest.raises(SystemExit) as e:
+        bench_compile.main(["--rounds", "0"])
+    assert e.value.code == 2 and "--rounds" in capsys.readouterr().err
