@@ -79,9 +79,11 @@ class HybridTrainer(ParallelPhase, SerialPhase, Evaluation, Checkpoints):
         torch.set_num_threads(threads)
         self.threads = threads
         self.out_dir = out_dir
-        self.data = data if data is not None else load_dataset(
-            cfg.dataset, cfg.data_dir, subset=cfg.subset, test_subset=cfg.test_subset,
-            cifar100_labels=cfg.cifar100_labels)
+        if data is not None:      # the user's own data set: cfg.subset / test_subset apply to it too
+            self.data = data.first(cfg.subset, cfg.test_subset) if (cfg.subset or cfg.test_subset) else data
+        else:
+            self.data = load_dataset(cfg.dataset, cfg.data_dir, subset=cfg.subset, test_subset=cfg.test_subset,
+                                     cifar100_labels=cfg.cifar100_labels)
         ds = self.data
         if cuts is None and cfg.cuts is None and cfg.balance == "time" and cfg.stages > 1 and topo.world > 1:
             cuts = self._agree_on_cuts(model)

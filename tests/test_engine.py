@@ -405,3 +405,14 @@ def test_library_surface_lists_its_names_and_names_a_user_model():
     tr = HybridTrainer(cfg, None, data=tiny_data(), model=tiny_model(), cuts=[2], log=logs.append)
     tr.run()
     assert any("your Sequential model" in m for m in logs) and not any("mnist_resnet" in m for m in logs)
+
+
+def test_subset_options_apply_to_a_users_own_data_set():
+    """Library mode: cfg.subset / test_subset take the first images of the Dataset passed in (they
+    used to be ignored silently); a subset larger than the data is one clear error."""
+    from layerpar_fast.data import DataError
+    tr = trainer(subset=32, test_subset=8)
+    assert len(tr.data.y_train) == 32 and len(tr.data.y_test) == 8
+    assert torch.equal(tr.data.x_train, tiny_data().x_train[:32])
+    with pytest.raises(DataError, match="subset=100 must be an integer in"):
+        trainer(subset=100)

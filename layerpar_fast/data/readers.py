@@ -16,6 +16,8 @@ files raises :class:`DataError` naming the file and what is wrong with it.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import gzip
 import hashlib
 import importlib.resources
@@ -68,6 +70,18 @@ class Dataset:
     coarse_y_train: torch.Tensor | None = field(default=None, repr=False)
     coarse_y_test: torch.Tensor | None = field(default=None, repr=False)
     source: str = ""
+
+    def first(self, train: int | None = None, test: int | None = None) -> "Dataset":
+        """The first ``train`` training and ``test`` test images (None: all), as ``--subset`` /
+        ``--test-subset`` take them; the normalisation statistics are kept as they are."""
+        src = self.source or self.name
+        n_tr = _subset_size(train, len(self.y_train), "subset", src)
+        n_te = _subset_size(test, len(self.y_test), "test_subset", src)
+        cut = lambda t, n: None if t is None else t[:n].contiguous()  # noqa: E731
+        return dataclasses.replace(self, x_train=cut(self.x_train, n_tr), y_train=cut(self.y_train, n_tr),
+                                   x_test=cut(self.x_test, n_te), y_test=cut(self.y_test, n_te),
+                                   coarse_y_train=cut(self.coarse_y_train, n_tr),
+                                   coarse_y_test=cut(self.coarse_y_test, n_te))
 
     @property
     def in_channels(self) -> int:
