@@ -68,6 +68,8 @@ _TRAIN_OPTIONS: dict[str, tuple[Any, str]] = {
     "bn_recalib_batches": (int, "batches of BatchNorm recalibration after parallel epochs"),
     "transport": (str, f"{', '.join(TRANSPORTS)}: local = all stages in this process"),
     "serial_on": (str, f"serial phase on {', '.join(SERIAL_ON)} worker(s)"),
+    "serial_bn": (str, "BatchNorm statistics of data-parallel serial epochs: global (over the whole batch, "
+                       "as serial back-propagation; all-reduced per layer) or rank (each rank's share, as plain DDP)"),
     "timeout_s": (float, "seconds any wait for another worker may last before the run is aborted"),
     "device": (str, f"{', '.join(DEVICES)}: where to train (auto: cuda when torch sees a GPU, else cpu; "
                     "distributed runs need one GPU per local rank)"),
@@ -96,7 +98,7 @@ _GROUPS = {
     "schedule and optimisation": ("epochs", "schedule", "tail_share", "switch_drift", "batch_size", "eval_batch_size",
                                   "lr", "lr_schedule", "milestones", "lr_decay", "warmup_epochs", "momentum",
                                   "nesterov", "weight_decay", "wd_bn", "label_smoothing", "seed"),
-    "distributed and devices": ("transport", "serial_on", "timeout_s", "threads", "device"),
+    "distributed and devices": ("transport", "serial_on", "serial_bn", "timeout_s", "threads", "device"),
 }
 _HIDDEN = ("delay_rank", "delay_s")
 
@@ -113,7 +115,7 @@ def _choices() -> dict[str, tuple]:
     return {"augment": c.AUGMENTS, "method": c.METHODS, "balance": c.BALANCE, "ds": (1, 2, 4, 8),
             "filter": ("avg_nearest", "avg_bilinear"), "al_order": c.AL_ORDERS, "mult_init": c.MULT_INITS,
             "stage_lr": c.STAGE_LRS, "parallel_augment": c.PARALLEL_AUGMENTS, "aux_dtype": c.AUX_DTYPES,
-            "lr_schedule": c.LR_SCHEDULES, "transport": c.TRANSPORTS, "serial_on": c.SERIAL_ON,
+            "lr_schedule": c.LR_SCHEDULES, "transport": c.TRANSPORTS, "serial_on": c.SERIAL_ON, "serial_bn": c.SERIAL_BNS,
             "device": c.DEVICES, "amp": c.AMPS, "cifar100_labels": ("fine", "coarse"),
             **({"aux_device": c.AUX_DEVICES} if hasattr(c, "AUX_DEVICES") else {})}
 

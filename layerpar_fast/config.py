@@ -23,6 +23,7 @@ AUX_DEVICES = ("auto", "device", "host")
 AL_ORDERS = ("gs", "jacobi")
 TRANSPORTS = ("auto", "local", "dist")
 SERIAL_ON = ("all", "one")
+SERIAL_BNS = ("global", "rank")
 BALANCE = ("time", "flops")
 PHASES = ("serial", "parallel", "idle")
 PARALLEL_AUGMENTS = ("none", "shift", "shift_flip")
@@ -85,6 +86,7 @@ class Config:
     bn_recalib_batches: int = 200
     transport: str = "auto"
     serial_on: str = "all"
+    serial_bn: str = "global"
     timeout_s: float = 300.0
     # run
     device: str = "auto"
@@ -136,6 +138,7 @@ class Config:
         need(self.al_order in AL_ORDERS, f"--al-order {self.al_order!r} is not one of {', '.join(AL_ORDERS)}")
         need(self.transport in TRANSPORTS, f"--transport {self.transport!r} is not one of {', '.join(TRANSPORTS)}")
         need(self.serial_on in SERIAL_ON, f"--serial-on {self.serial_on!r} is not one of {', '.join(SERIAL_ON)}")
+        need(self.serial_bn in SERIAL_BNS, f"--serial-bn {self.serial_bn!r} is not one of {', '.join(SERIAL_BNS)}")
         need(self.parallel_augment in PARALLEL_AUGMENTS,
              f"--parallel-augment {self.parallel_augment!r} is not one of {', '.join(PARALLEL_AUGMENTS)}")
         need(self.amp in AMPS, f"--amp {self.amp!r} is not one of {', '.join(AMPS)}")

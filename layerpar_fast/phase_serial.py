@@ -7,6 +7,7 @@ too unless ``cfg.threads`` is set) while the others wait, then everything is bro
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from typing import Any
@@ -15,6 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import torch.distributed as dist
+
+from .globalbn import global_batch_norm_on
 from .progress import _bar, _bar_close, _bar_update
 from .topology import _no_buffer_sync
 
@@ -34,6 +38,8 @@ class SerialPhase:
         ``--serial-on all`` and K > 1 stages (what K processes do, so ``--transport local``
         gives the results of a distributed run), else 1."""
         cfg = self.cfg
+        if cfg.serial_bn == "global":   # every simulated rank normalises over the whole batch: one pass
+            return 1
         return cfg.stages if (cfg.serial_on == "all" and cfg.stages > 1 and self.topology.world == 1) else 1
 
     @property
@@ -141,7 +147,7 @@ class SerialPhase:
 
     def _serial_epoch_ddp(self, epoch: int) -> dict[str, Any]:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        cfg, k, r = self.cfg, self.topology.world, self.topology.rank
+        cfg, k = self.cfg, self.topology.world
         self.model.train()
         ddp = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                   **_no_buffer_sync(DDP))
@@ -151,8 +157,24 @@ class SerialPhase:
         batches = loader.batches(epoch)
         bar = _bar(len(batches), f"epoch {epoch + 1}/{self.total_epochs} serial ({k} ranks)", cfg.progress)
         sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, samples (this rank's share)
-        t_data = t_comp = 0.0
         step0 = epoch * self.steps_per_epoch
+        bn_scope = (global_batch_norm_on(self.model, _all_reduce_sum) if cfg.serial_bn == "global"
+                    else contextlib.nullcontext())
+        with bn_scope:
+            lr, sums, t_data, t_comp = self._ddp_steps(ddp, batches, epoch, step0, bar, sums)
+        _bar_close(bar)
+        del ddp
+        sums = self.topology.sum_(sums, self.device)
+        self._average_bn_stats()
+        return {"epoch": epoch + 1, "phase": "serial", "lr": lr, "train_loss": float(sums[0] / sums[2]),
+                "train_acc": float(sums[1] / sums[2]), "data_s": t_data, "compute_s": t_comp, "ranks": k,
+                "serial_bn": cfg.serial_bn}
+
+    def _ddp_steps(self, ddp: nn.Module, batches: list[torch.Tensor], epoch: int, step0: int, bar: Any,
+                   sums: torch.Tensor) -> tuple[float, torch.Tensor, float, float]:
+        cfg, loader = self.cfg, self.train_loader
+        k, r = self.topology.world, self.topology.rank
+        t_data = t_comp = 0.0
         lr = self.lr_at(step0)
         t_prev = time.perf_counter()
         for t, idx in enumerate(batches):
@@ -184,12 +206,7 @@ class SerialPhase:
             t_comp += t_prev - t1
             _bar_update(bar, float(sums[0] / max(sums[2], 1)), float(sums[1] / max(sums[2], 1)),
                         int(sums[2]) * k, t_data + t_comp)
-        _bar_close(bar)
-        del ddp
-        sums = self.topology.sum_(sums, self.device)
-        self._average_bn_stats()
-        return {"epoch": epoch + 1, "phase": "serial", "lr": lr, "train_loss": float(sums[0] / sums[2]),
-                "train_acc": float(sums[1] / sums[2]), "data_s": t_data, "compute_s": t_comp, "ranks": k}
+        return lr, sums, t_data, t_comp
 
     def _average_bn_stats(self) -> None:
         """Average BatchNorm running statistics over the ranks (each saw its share of the data)."""
@@ -213,3 +230,9 @@ def _save_bn(bns: list[nn.Module], bufs: list[dict[str, torch.Tensor]]) -> None:
         for m, b in zip(bns, bufs):
             for k, v in b.items():
                 v.copy_(getattr(m, k))
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over the ranks (the global-batch BatchNorm's statistics; t is on the compute device)."""
+    dist.all_reduce(t)
+    return t

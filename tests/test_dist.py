@@ -172,7 +172,8 @@ CASES_2 = [
     dict(method="al", al_order="jacobi", ds=2, window=1),
     dict(method="al", al_order="gs", ds=2, delay_rank=1, delay_s=0.02),
     dict(method="al", al_order="jacobi", ds=1, delay_rank=0, delay_s=0.02),
-    dict(method="al", ds=2, schedule="serial:1,parallel:1,serial:1", serial_on="all"),
+    dict(method="al", ds=2, schedule="serial:1,parallel:1,serial:1", serial_on="all"),   # global-batch BN
+    dict(method="al", ds=2, schedule="serial:1,parallel:1,serial:1", serial_on="all", serial_bn="rank"),
     dict(method="al", ds=2, schedule="parallel:2", bn_recalib_batches=3),   # ends on the sharded recalibration
     dict(method="al", al_order="gs", ds=2, parallel_augment="shift", delay_rank=0, delay_s=0.02),
     dict(method="al", al_order="jacobi", ds=2, parallel_augment="shift", delay_rank=1, delay_s=0.02),
@@ -183,6 +184,7 @@ CASES_2 = [
 ]
 CASES_3 = [
     dict(method="al", al_order="gs", ds=2),
+    dict(method="al", ds=2, schedule="serial:1,parallel:1,serial:1", serial_on="all"),   # shares 5/5/6, global BN
     dict(method="penalty", ds=1, delay_rank=1, delay_s=0.02),
     dict(method="al", al_order="jacobi", ds=2, delay_rank=2, delay_s=0.02),
     dict(method="penalty", ds=2, schedule="parallel:1", bn_recalib_batches=4),  # recalibration shares 2/1/1
@@ -205,8 +207,9 @@ def test_distributed_run_equals_single_process_run(tmp_path, k, cases):
         ref, ref_records = local_run(k, **kw)
         diff = max_diff(res["state"], ref)
         if kw.get("serial_on") == "all":
-            # the single-process run simulates the K data-parallel ranks (same shares, per-rank
-            # BatchNorm batches and running statistics): equal up to the all-reduce's float order
+            # the single-process run computes what the K data-parallel ranks compute (global-batch
+            # BatchNorm: the whole batch; serial_bn="rank": the same shares, per-rank BatchNorm
+            # batches and running statistics): equal up to the all-reduces' float order
             assert diff <= 1e-5, (kw, diff)
         else:
             assert diff <= 1e-6, (kw, diff)
