@@ -152,11 +152,12 @@ def _run_variant(tr: Any, v: str, epoch: int, schedules: dict[str, Any], lr_fn: 
             torch.set_num_threads(1)
         wall = _all_gather(mine)[0]
         return {"epoch_s": wall, "steps": steps_all, "images": n_train, "bytes": 0.0}
-    if v == "ddp":
+    if v in ("ddp", "ddp-gbn"):     # ddp-gbn: the serial epochs of an SPH run (--serial-bn global)
         c = P.DDPByteCounter()
         r = P.ddp_epoch(tr.model, tr.optimizers, _ddp_batches(tr, epoch), rank=rank, world=world, counter=c,
-                        lr_fn=lr_fn)
-        every = _all_gather((r["wall_s"], r["bytes_sent"], r["payload"]))
+                        lr_fn=lr_fn, global_bn=v == "ddp-gbn")
+        bn_wire = 2 * (world - 1) / world * r["bn_payload"]      # ring all-reduce, per rank
+        every = _all_gather((r["wall_s"], r["bytes_sent"] + bn_wire, r["payload"]))
         tr._average_bn_stats()
         return {"epoch_s": max(e[0] for e in every), "steps": r["steps"], "images": n_train,
                 "bytes": sum(e[1] for e in every), "payload_per_rank": every[0][2], "loss_last": r["losses"][-1]}
@@ -321,7 +322,7 @@ def variants_for(methods: list[str], ms: list[int], ss: list[int], run_s: int) -
         elif meth == "sph":
             v += [f"sph:s{s}" for s in ss]
         elif meth == "sph-run":
-            v += ["ddp", f"sph:s{run_s}"]
+            v += ["ddp-gbn", f"sph:s{run_s}"]
     return list(dict.fromkeys(v))
 
 
@@ -351,7 +352,7 @@ def rows_from_rounds(raw: dict[str, Any], *, model: str, link: str, methods: lis
     def per_round(r: dict[str, Any], key: str) -> tuple[float, float, float | None]:
         """(epoch_s, bytes per step, exposed) of a variant, sph-run composed."""
         if key == "sph-run":
-            d, s = r["ddp"], r[f"sph:s{run_s}"]
+            d, s = r["ddp-gbn" if "ddp-gbn" in r else "ddp"], r[f"sph:s{run_s}"]
             t = (n_ser * d["epoch_s"] + s["enter_s"] + n_par * (s["epoch_s"] + s["after_s"])) / (n_ser + n_par)
             b = (n_ser * d["bytes"] / d["steps"] + n_par * s["bytes"] / s["steps"]) / (n_ser + n_par)
             return t, b, s["exposed_s"] * n_par / (n_ser + n_par)

@@ -313,9 +313,31 @@ Batch = tuple[Any, torch.Tensor]     # (x or None on ranks that need no input, y
 
 def ddp_epoch(model: nn.Module, optimizers: list[torch.optim.Optimizer], batches: Iterable[Batch], *,
               rank: int, world: int, counter: DDPByteCounter | None = None,
-              lr_fn: Callable[[int], float] | None = None) -> dict[str, Any]:
+              lr_fn: Callable[[int], float] | None = None, global_bn: bool = False) -> dict[str, Any]:
     """One data-parallel epoch: every rank gets the whole global batch and takes its contiguous
-    share (as layerpar_fast's DDP serial epoch does); gradients are those of the global mean loss."""
+    share (as layerpar_fast's DDP serial epoch does); gradients are those of the global mean loss.
+    ``global_bn``: BatchNorm over the global batch (layerpar_fast's serial epochs by default,
+    ``--serial-bn global``); its all-reduced payload is returned as ``bn_payload``."""
+    import contextlib
+    import torch.distributed as dist
+    from layerpar_fast.globalbn import global_batch_norm_on
+
+    bn_payload = [0]
+
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        bn_payload[0] += t.numel() * t.element_size()
+        dist.all_reduce(t)
+        return t
+
+    with global_batch_norm_on(model, reduce) if global_bn else contextlib.nullcontext():
+        r = _ddp_steps(model, optimizers, batches, rank=rank, world=world, counter=counter, lr_fn=lr_fn)
+    r["bn_payload"] = bn_payload[0]
+    return r
+
+
+def _ddp_steps(model: nn.Module, optimizers: list[torch.optim.Optimizer], batches: Iterable[Batch], *,
+               rank: int, world: int, counter: DDPByteCounter | None,
+               lr_fn: Callable[[int], float] | None) -> dict[str, Any]:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
     from layerpar_fast.topology import _no_buffer_sync
@@ -420,11 +442,13 @@ def _tiny_rank(rank: int, world: int, port: int, kind: str, steps: int, out: Any
         y = torch.randint(0, 4, (32,), generator=g)
         x += F.one_hot(y, 4).float().repeat_interleave(2, 1)[:, :3, None, None] * 1.5   # learnable
         data = [(x, y)] * steps
-        if kind == "ddp":
+        if kind in ("ddp", "ddp-gbn"):
             opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
             c = DDPByteCounter()
-            r = ddp_epoch(net, [opt], data, rank=rank, world=world, counter=c)
+            r = ddp_epoch(net, [opt], data, rank=rank, world=world, counter=c, global_bn=kind == "ddp-gbn")
             r["expected_payload"] = param_bytes(net) * steps
+            # 2 BatchNorm layers of 8 channels: forward (2C + 1) + backward 2C float32 numbers per step
+            r["expected_bn_payload"] = (steps * 2 * (4 * 8 + 1) * 4) if kind == "ddp-gbn" else 0
         else:
             kind_, m = kind.split(":")
             stage = net[:3] if rank == 0 else net[3:]
@@ -510,7 +534,8 @@ def markdown_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "whole epoch). sph = the SPH-AL parallel epoch (step loop + drain, slowest rank; no augmentation, "
         "phase entry and the after-epoch broadcast not included); sph-run = the mean epoch of a whole "
         f"{meta.get('sph_run_schedule', 'serial:1,parallel:9,serial:8')} run at s = {meta.get('sph_run_s', '?')}, "
-        "composed per round from the measured ddp epoch (the serial epochs of a 2-rank run are DDP), the phase "
+        "composed per round from the measured ddp-gbn epoch (the serial epochs of a 2-rank run: DDP with BatchNorm "
+        "over the global batch, --serial-bn global; its statistics' all-reduces are counted in its bytes), the phase "
         "entry and the parallel epochs with their after-epoch broadcast (evaluation not included). Bytes: counted "
         "(DDP: the all-reduce payload from a comm hook x 2(K-1)/K per rank; pipelining: every isend; SPH: the "
         "transport counters), summed over ranks, per step; 'formula' from the shapes alone. Exposed communication: "

@@ -24,7 +24,7 @@ def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
                           env=ENV, cwd=ROOT)
 
 
-@pytest.mark.parametrize("kind", ["ddp", "gpipe:2", "1f1b:4"])
+@pytest.mark.parametrize("kind", ["ddp", "ddp-gbn", "gpipe:2", "1f1b:4"])
 def test_runner_trains_and_counts_bytes(kind: str) -> None:
     """2 gloo ranks on 127.0.0.1, a tiny conv net, 6 steps: the loss falls and the counted bytes
     are what the shapes say."""
@@ -34,7 +34,8 @@ def test_runner_trains_and_counts_bytes(kind: str) -> None:
     last = res[1]["losses"]
     assert len(last) == 6 and last[-1] < last[0], last
     for r in res.values():
-        if kind == "ddp":
+        if kind.startswith("ddp"):
+            assert r["bn_payload"] == r["expected_bn_payload"]    # ddp-gbn: the BatchNorm statistics
             assert r["payload"] == r["expected_payload"]          # every gradient, once per step
             assert r["bytes_sent"] == pytest.approx(r["payload"])  # ring, K = 2: 2(K-1)/K = 1
         else:
