@@ -420,6 +420,18 @@ def _check_data(args: argparse.Namespace) -> None:
     load_dataset(args.dataset, args.data_dir, subset=args.subset)   # decode/cache once, before the ranks start
 
 
+def _tables(args: argparse.Namespace, rows: list[dict[str, Any]], raws: list[dict[str, Any]], env: dict[str, Any],
+            load_before: Any, skipped: list[str], partial: bool) -> tuple[Any, str]:
+    meta = {"env": env, "load_before": load_before, "load_after": _load(), "dataset": args.dataset,
+            "subset": args.subset, "batch_size": args.batch_size, "repeats": args.repeats,
+            "sph_run_schedule": args.sph_run_schedule, "sph_run_s": args.sph_run_s, "skipped": skipped,
+            "command": "python " + " ".join(sys.argv)}
+    text = P.markdown_table(rows, meta)
+    if partial:
+        text = "**Partial: the benchmark is still running or was stopped; the rows below are complete.**\n\n" + text
+    return (rows if not args.raw else {"rows": rows, "meta": meta, "raw": raws}), text
+
+
 def _write(args: argparse.Namespace, obj: Any, text: str) -> None:
     from layerpar_fast.metrics import atomic_write_json
     if args.out:
@@ -480,13 +492,11 @@ def cmd_epoch(args: argparse.Namespace) -> int:
             raws.append({"model": model, "link": link.spec, **raw})
             rows += rows_from_rounds(raw, model=model, link=link.spec, methods=methods, ms=ms, ss=ss,
                                      batch=args.batch_size, run_schedule=args.sph_run_schedule, run_s=args.sph_run_s)
-    meta = {"env": env, "load_before": load_before, "load_after": _load(), "dataset": args.dataset,
-            "subset": args.subset, "batch_size": args.batch_size, "repeats": args.repeats,
-            "sph_run_schedule": args.sph_run_schedule, "sph_run_s": args.sph_run_s, "skipped": skipped,
-            "command": "python " + " ".join(sys.argv)}
-    text = P.markdown_table(rows, meta)
+            # written after every launch, so a stopped benchmark keeps what it measured
+            _write(args, *_tables(args, rows, raws, env, load_before, skipped, partial=True))
+    obj, text = _tables(args, rows, raws, env, load_before, skipped, partial=False)
     print(text)
-    _write(args, rows if not args.raw else {"rows": rows, "meta": meta, "raw": raws}, text)
+    _write(args, obj, text)
     if args.png and rows:
         P.write_png(rows, args.png)
     return 0
