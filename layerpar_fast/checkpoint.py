@@ -13,6 +13,7 @@ import torch
 from . import __version__
 from .config import Config, ConfigError
 from .phase_parallel import PhaseState
+from .replicas import block_rows, join_replica_states, split_replica_state
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -48,7 +49,8 @@ class Checkpoints:
             if self.stores is not None and self.phase_state is not None:
                 state = {"epoch": self.epoch, "phase": self.phase_state.index, "rank": topo.rank,
                          "world": topo.world,
-                         "stores": {name: None if lst[topo.rank] is None else lst[topo.rank].state_dict()
+                         "stage": topo.stage, "replica": topo.replica,
+                         "stores": {name: None if lst[topo.stage] is None else lst[topo.stage].state_dict()
                                     for name, lst in self.stores.items()}}
                 path = self._aux_path(self.epoch)
                 tmp = f"{path}.tmp{os.getpid()}"
@@ -129,14 +131,16 @@ class Checkpoints:
 
     def _read_rank_aux(self, aux: dict[str, Any]) -> dict[str, Any]:
         """The auxiliary stores of a distributed checkpoint (rank k wrote stage k's stores to
-        ``aux-rank{k}-epoch{E}.pt``, named in ``aux["files"]``), assembled per stage for this
-        process, which runs every stage."""
+        ``aux-rank{k}-epoch{E}.pt``, named in ``aux["files"]``; with R stage replicas rank r·K + k
+        wrote replica r's block of stage k's rows), assembled per stage for this process, which
+        runs every stage (and simulates the replicas)."""
         k = len(self.stages)
+        reps = self.cfg.replicas
         files = list(aux.get("files") or [])
-        if aux.get("world") != k or len(files) != k:
+        if aux.get("world") != k * reps or len(files) != k * reps:
             raise ConfigError(f"--resume {self.out_dir}: the checkpoint's auxiliary stores come from "
-                              f"{aux.get('world')} ranks, this run has {k} stages")
-        stores: dict[str, list[Any]] = {}
+                              f"{aux.get('world')} ranks, this run has {k} stages x {reps} replica(s)")
+        blocks: dict[str, list[list[Any]]] = {}
         for rank, name in enumerate(files):
             try:
                 part = torch.load(os.path.join(self.out_dir, name), map_location=self.device, weights_only=False)
@@ -150,16 +154,26 @@ class Checkpoints:
                 raise ConfigError(f"--resume {self.out_dir}: {name} belongs to epoch {part.get('epoch')} rank "
                                   f"{part.get('rank')}, expected epoch {aux.get('epoch')} rank {rank}")
             for store, st in part["stores"].items():
-                stores.setdefault(store, [None] * k)[rank] = st
+                blocks.setdefault(store, [[None] * reps for _ in range(k)])[rank % k][rank // k] = st
+        stores: dict[str, list[Any]] = {}
+        for store, per_stage in blocks.items():
+            stores[store] = [None if parts[0] is None else
+                             parts[0] if reps == 1 else join_replica_states(parts, self.data.num_train)
+                             for parts in per_stage]
         return {"phase": aux["phase"], "stores": stores}
 
 
     def _own_aux(self, aux: dict[str, Any]) -> dict[str, Any]:
         """This rank's stores from either layout (several ranks)."""
-        k, world = self.topology.rank, self.topology.world
+        topo = self.topology
+        k, world, stage = topo.rank, topo.world, topo.stage
         if "stores" in aux:  # written by a single-process run: every stage's stores in one file
+            def mine(st: Any) -> Any:
+                if st is None or topo.replicas == 1:
+                    return st
+                return split_replica_state(st, topo.replica, block_rows(self.data.num_train, topo.replicas))
             return {"phase": aux["phase"],
-                    "stores": {name: [lst[i] if i == k else None for i in range(len(lst))]
+                    "stores": {name: [mine(lst[i]) if i == stage else None for i in range(len(lst))]
                                for name, lst in aux["stores"].items()}}
         if aux.get("world") != world:
             raise ConfigError(f"--resume {self.out_dir}: the checkpoint was written by {aux.get('world')} ranks, "
@@ -174,7 +188,7 @@ class Checkpoints:
             raise ConfigError(f"--resume {self.out_dir}: {os.path.basename(path)} belongs to epoch "
                               f"{state.get('epoch')} rank {state.get('rank')}, expected {aux['epoch']} rank {k}")
         return {"phase": aux["phase"],
-                "stores": {name: [st if i == k else None for i in range(world)]
+                "stores": {name: [st if i == stage else None for i in range(len(self.stages))]
                            for name, st in state["stores"].items()}}
 
 
@@ -193,7 +207,7 @@ def _resume_mismatch(saved: dict[str, Any] | None, cfg: Config) -> str:
     if not isinstance(saved, dict):
         return ""                                   # a checkpoint without its configuration
     now = cfg.to_dict()
-    for key in ("method", "stages", "ds", "al_order"):
+    for key in ("method", "stages", "replicas", "ds", "al_order"):
         if key == "al_order" and "al" not in (saved.get("method"), now["method"]):
             continue                                # the order only matters for --method al
         if key in saved and saved[key] != now[key]:

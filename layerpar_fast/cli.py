@@ -43,6 +43,8 @@ _TRAIN_OPTIONS: dict[str, tuple[Any, str]] = {
     "weight_decay": (float, "weight decay"),
     "label_smoothing": (float, "cross-entropy label smoothing"),
     "stages": (int, "K, the number of stages (workers)"),
+    "replicas": (int, "R, replicas of every stage (layer-parallel x data-parallel: K*R processes, rank r*K+k runs "
+                      "replica r of stage k; with --transport local one process computes what they compute)"),
     "cuts": (str, "block indices where the network is cut, comma separated"),
     "balance": (str, f"how to choose cuts when --cuts is not given: {', '.join(BALANCE)}"),
     "ds": (int, "downsampling factor s of what is stored and sent"),
@@ -92,7 +94,7 @@ _GROUP_ORDER = ("data", "model", "method", "schedule and optimisation", "distrib
 _GROUPS = {
     "data": ("dataset", "data_dir", "subset", "test_subset", "augment", "cifar100_labels"),
     "model": ("model", "channels_last", "amp", "compile"),
-    "method": ("method", "stages", "cuts", "balance", "ds", "filter", "beta", "beta_c", "gamma", "al_order",
+    "method": ("method", "stages", "replicas", "cuts", "balance", "ds", "filter", "beta", "beta_c", "gamma", "al_order",
                "mult_init", "stage_lr", "window", "parallel_augment", "aux_dtype", "aux_device", "kappa_iters",
                "bn_recalib_batches"),
     "schedule and optimisation": ("epochs", "schedule", "tail_share", "switch_drift", "batch_size", "eval_batch_size",

@@ -68,6 +68,7 @@ class Config:
     label_smoothing: float = 0.0
     # layer-parallel engine (docs/method.md)
     stages: int = 1
+    replicas: int = 1
     cuts: str | None = None
     balance: str = "flops"
     ds: int = 1
@@ -119,6 +120,10 @@ class Config:
         """Whether a layer-parallel method's default schedule has no parallel phase (too few epochs)."""
         return self.method != "serial" and not self.schedule and all(p != "parallel" for p, _ in self.phases())
 
+    def world_size(self) -> int:
+        """Processes of a distributed run: one per stage and replica (K·R)."""
+        return self.stages * self.replicas
+
     def total_epochs(self) -> int:
         return sum(n for _, n in self.phases())
 
@@ -164,6 +169,15 @@ class Config:
         need(self.test_subset is None or self.test_subset >= 1,
              f"--test-subset must be >= 1, got {self.test_subset}")
         need(self.stages >= 1, f"--stages must be >= 1, got {self.stages}")
+        need(self.replicas >= 1, f"--replicas must be >= 1, got {self.replicas}")
+        if self.replicas > 1:
+            need(self.stages >= 2, f"--replicas {self.replicas} replicates the stages of a layer-parallel run; "
+                                   "give --stages K >= 2")
+            need(self.batch_size % self.replicas == 0,
+                 f"--batch-size {self.batch_size} is not a multiple of --replicas {self.replicas}: every "
+                 "global batch is split into equal shares, one per replica")
+            need(self.parallel_augment != "shift_flip",
+                 "--parallel-augment shift_flip is not supported with --replicas > 1 (use shift)")
         need(self.ds in (1, 2, 4, 8), f"--ds must be one of 1, 2, 4, 8, got {self.ds}")
         need(self.beta is None or self.beta > 0, f"--beta must be > 0, got {self.beta}")
         need(self.beta_c > 0, f"--beta-c must be > 0, got {self.beta_c}")
@@ -175,8 +189,8 @@ class Config:
         need(self.threads is None or self.threads >= 1, f"--threads must be >= 1, got {self.threads}")
         need(self.checkpoint_every >= 1, f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
         need(self.delay_s >= 0, f"--delay-s must be >= 0, got {self.delay_s}")
-        need(self.delay_rank is None or 0 <= self.delay_rank < self.stages,
-             f"--delay-rank must be a rank in [0, {self.stages}), got {self.delay_rank}")
+        need(self.delay_rank is None or 0 <= self.delay_rank < self.world_size(),
+             f"--delay-rank must be a rank in [0, {self.world_size()}), got {self.delay_rank}")
         phases = self.phases()
         if self.schedule and self.epochs is not None and self.epochs != sum(n for _, n in phases):
             raise ConfigError(f"--epochs {self.epochs} disagrees with --schedule {self.schedule!r} "

@@ -131,7 +131,7 @@ class _Inbox:
             if self.todo or self.ready or self.inflight:
                 raise TransportError(
                     f"rank {self.tp.rank}: {len(self.todo) + len(self.ready) + self.inflight} {self.tag!r} "
-                    f"messages from rank {self.src} of the previous epoch were never consumed")
+                    f"messages from rank {self.tp.base + self.src} of the previous epoch were never consumed")
             self.todo.extend(steps)
             self.inflight = len(steps)
             self.announced = steps[-1][0] if steps else -1
@@ -159,7 +159,8 @@ class _Inbox:
                 for step, shape, dtype in take:
                     with _on_stream(stream):
                         buf = torch.empty(shape, dtype=dtype, device=tp.device)
-                        work = dist.irecv(buf, self.src, group=tp.group_for(self.tag), tag=TAG_IDS[self.tag])
+                        work = dist.irecv(buf, tp.base + self.src, group=tp.group_for(self.tag),
+                                          tag=TAG_IDS[self.tag])
                     posted.append((step, buf, work))
                     with self.cv:
                         self.posted_upto = step
@@ -195,7 +196,7 @@ class _Inbox:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         raise TransportError(
-                            f"rank {tp.rank}: no {self.tag!r} message for step {upto} from rank {self.src} "
+                            f"rank {tp.rank}: no {self.tag!r} message for step {upto} from rank {self.tp.base + self.src} "
                             f"within {tp.timeout_s:g}s (--timeout-s); that rank is stuck or failed")
                     self.cv.wait(min(left, 1.0))
             elif self.error is not None and not self.ready:
@@ -219,8 +220,8 @@ class _Inbox:
         text = _first_line(e)
         if "imed out" in text or "timeout" in text.lower():
             return TransportError(f"rank {tp.rank}: no {self.tag!r} message for step {step} from rank "
-                                  f"{self.src} within {tp.timeout_s:g}s (--timeout-s); that rank is stuck or failed")
-        return TransportError(f"rank {tp.rank}: lost rank {self.src} while receiving {self.tag!r} messages "
+                                  f"{tp.base + self.src} within {tp.timeout_s:g}s (--timeout-s); that rank is stuck or failed")
+        return TransportError(f"rank {tp.rank}: lost rank {self.tp.base + self.src} while receiving {self.tag!r} messages "
                               f"(that rank stopped; its own error is reported separately): {text}")
 
     def wait_posted(self, what: str) -> None:
@@ -237,7 +238,7 @@ class _Inbox:
                 if left <= 0:
                     raise TransportError(
                         f"rank {tp.rank}: no {self.tag!r} message for step {self.completed_upto + 1} from rank "
-                        f"{self.src} within {tp.timeout_s:g}s (--timeout-s) while a device synchronisation "
+                        f"{tp.base + self.src} within {tp.timeout_s:g}s (--timeout-s) while a device synchronisation "
                         f"({what}) waited for the posted receives: on a GPU this order deadlocks")
                 self.cv.wait(min(left, 1.0))
 
@@ -259,10 +260,18 @@ class DistTransport(Transport):
     """
 
     def __init__(self, *, timeout_s: float = 300.0, window: int = 2, depth: int | None = None,
-                 device: torch.device | str = "cpu", max_outstanding: int | None = None) -> None:
+                 device: torch.device | str = "cpu", max_outstanding: int | None = None,
+                 base: int = 0, span: int | None = None) -> None:
         if not dist.is_initialized():
             raise RuntimeError("DistTransport needs an initialised torch.distributed process group")
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        # peers are named 0..span-1 (stage indices); peer p is process rank base + p (stage
+        # replicas: replica r's stages are ranks r·K .. r·K + K - 1)
+        self.base = int(base)
+        self.span = self.world - self.base if span is None else int(span)
+        self.stage = self.rank - self.base
+        if not (0 <= self.stage < self.span and self.base + self.span <= self.world):
+            raise ValueError(f"DistTransport: rank {self.rank} is not in ranks [{self.base}, {self.base + self.span})")
         self.timeout_s = float(timeout_s)
         self.depth = depth if depth is not None else 2 * window + 2
         self.max_outstanding = max_outstanding if max_outstanding is not None else 4 * self.depth
@@ -293,13 +302,13 @@ class DistTransport(Transport):
         for tag in TAGS:
             ops = []
             bufs = []
-            for peer in (self.rank - 1, self.rank + 1):
-                if 0 <= peer < self.world:
+            for peer in (self.stage - 1, self.stage + 1):
+                if 0 <= peer < self.span:
                     out = torch.zeros(1, device=dev)
                     inc = torch.empty(1, device=dev)
                     bufs += [out, inc]
-                    ops += [dist.P2POp(dist.isend, out, peer, group=self._groups[tag]),
-                            dist.P2POp(dist.irecv, inc, peer, group=self._groups[tag])]
+                    ops += [dist.P2POp(dist.isend, out, self.base + peer, group=self._groups[tag]),
+                            dist.P2POp(dist.irecv, inc, self.base + peer, group=self._groups[tag])]
             if ops:
                 for work in dist.batch_isend_irecv(ops):
                     work.wait()
@@ -312,8 +321,8 @@ class DistTransport(Transport):
     def _check(self, peer: int, tag: str) -> None:
         if tag not in TAG_IDS:
             raise TransportError(f"rank {self.rank}: unknown message tag {tag!r}; valid: {', '.join(TAGS)}")
-        if not 0 <= peer < self.world or peer == self.rank:
-            raise TransportError(f"rank {self.rank}: bad peer rank {peer} (world {self.world})")
+        if not 0 <= peer < self.span or peer == self.stage:
+            raise TransportError(f"rank {self.rank}: bad peer rank {peer} (world {self.span})")
 
     def expect(self, src: int, tag: str, steps: list[tuple[int, tuple[int, ...], torch.dtype]]) -> None:
         self._check(src, tag)
@@ -331,9 +340,9 @@ class DistTransport(Transport):
         self._last_sent[(dst, tag)] = step
         t = tensor.detach().contiguous()
         try:
-            work = dist.isend(t, dst, group=self._groups[tag], tag=TAG_IDS[tag])
+            work = dist.isend(t, self.base + dst, group=self._groups[tag], tag=TAG_IDS[tag])
         except RuntimeError as e:
-            raise TransportError(f"rank {self.rank}: cannot send {tag!r} step {step} to rank {dst} "
+            raise TransportError(f"rank {self.rank}: cannot send {tag!r} step {step} to rank {self.base + dst} "
                                  f"(that rank stopped?): {_first_line(e)}") from None
         self._outbox.append((work, t, tag, dst))
         self.bytes_sent[tag] += t.numel() * t.element_size()
@@ -353,7 +362,7 @@ class DistTransport(Transport):
             else:
                 work.wait(datetime.timedelta(seconds=self.timeout_s))
         except RuntimeError as e:
-            raise TransportError(f"rank {self.rank}: a {tag!r} message to rank {dst} did not leave within "
+            raise TransportError(f"rank {self.rank}: a {tag!r} message to rank {self.base + dst} did not leave within "
                                  f"{self.timeout_s:g}s or the link broke: {_first_line(e)}") from None
         finally:
             self.wait_s["send"] += time.perf_counter() - t0
@@ -362,7 +371,7 @@ class DistTransport(Transport):
         self._check(src, tag)
         box = self._inboxes.get((src, tag))
         if box is None:
-            raise TransportError(f"rank {self.rank}: no {tag!r} messages from rank {src} were announced (expect())")
+            raise TransportError(f"rank {self.rank}: no {tag!r} messages from rank {self.base + src} were announced (expect())")
         return box
 
     def _count_recv(self, tag: str, msgs: list[tuple[int, torch.Tensor]]) -> list[tuple[int, torch.Tensor]]:

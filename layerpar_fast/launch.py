@@ -45,9 +45,16 @@ def launch_mode(cfg: Config) -> str:
             if cfg.transport == "local":
                 raise ConfigError(f"--transport local inside a process group of {n} ranks (WORLD_SIZE={n}) "
                                   "would train {n} copies; use --transport auto or dist under torchrun")
-            if n != cfg.stages:
+            want = cfg.world_size()
+            if n != want and cfg.replicas > 1:
+                raise ConfigError(f"WORLD_SIZE={n} but --stages {cfg.stages} x --replicas {cfg.replicas} needs "
+                                  f"{want} processes (one per stage and replica); start {want} or change "
+                                  "--stages/--replicas")
+            if n != want:
+                hint = (f" or --stages {cfg.stages} --replicas {n // cfg.stages}"
+                        if n % cfg.stages == 0 and n > cfg.stages else "")
                 raise ConfigError(f"WORLD_SIZE={n} but --stages {cfg.stages}: start one process per stage "
-                                  f"(torchrun --nproc-per-node {cfg.stages} ...) or set --stages {n}")
+                                  f"(torchrun --nproc-per-node {cfg.stages} ...) or set --stages {n}{hint}")
             return "member"
     if cfg.transport == "local" or cfg.stages == 1:
         if cfg.transport == "dist" and cfg.stages == 1:
@@ -60,7 +67,7 @@ def local_ranks(cfg: Config, mode: str) -> int:
     """How many processes of the run share this machine's GPUs: K started here (``spawn``),
     torchrun's LOCAL_WORLD_SIZE (``member``; WORLD_SIZE when unset), or 1 (``local``)."""
     if mode == "spawn":
-        return cfg.stages
+        return cfg.world_size()
     if mode == "member":
         value = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("WORLD_SIZE") or "1"
         try:
@@ -115,7 +122,7 @@ def launch_local(cfg: Config, run_dir: str, resume: bool, *, entry: Sequence[str
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    k = cfg.stages
+    k = cfg.world_size()
     check_local_gpus(cfg, k, "spawn")
     lc = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=k, run_id=f"layerpar-{uuid.uuid4().hex[:12]}",
                       rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", local_addr="127.0.0.1",
@@ -268,7 +275,7 @@ def run_member(cfg: Config, run_dir: str | None, resume: bool) -> int:
         if rank == 0:
             print(f"final test accuracy {100 * summary['final_test_acc']:.2f}% "
                   f"(best {100 * summary['best_test_acc']:.2f}%) in {summary['wall_time_s']:.1f}s "
-                  f"on {cfg.stages} ranks; run directory {run_dir}", flush=True)
+                  f"on {cfg.world_size()} ranks; run directory {run_dir}", flush=True)
         dist.destroy_process_group()
     except KeyboardInterrupt:
         code = 130

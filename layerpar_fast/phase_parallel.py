@@ -21,6 +21,7 @@ from .metrics import speedup_model
 from .monitors import cosine, estimate_kappa, frozen_bn_stats, param_norm
 from .paraug import FlipViews, ShiftAugment
 from .progress import _bar, _bar_close, _bar_step, _bar_update
+from .replicas import OffsetAuxStore, block_rows, replica_batches, share_of
 from .worker import StageWorker, WorkerSettings
 
 
@@ -89,7 +90,8 @@ class ParallelPhase:
         own = self.topology.owns
         mine = {"input": [i for i in range(k - 1) if own(i + 1)], "target": [i for i in range(k - 1) if own(i)],
                 "mult": [i for i in range(k - 1) if cfg.method == "al" and own(i)]}
-        need = sum(n * math.prod(coarse[i]) * self._store_dtype_bytes() for cuts in mine.values() for i in cuts)
+        rows = self._replica_rows()[1] if self._replica_rows() is not None else n
+        need = sum(rows * math.prod(coarse[i]) * self._store_dtype_bytes() for cuts in mine.values() for i in cuts)
         where, why = self._aux_placement(need)
         if where == "host":
             pinned, no_pin = pinning_available()
@@ -100,10 +102,16 @@ class ParallelPhase:
                              "stores use ordinary memory" + (" and no side streams" if dev.type != "cuda" else ""))
                     self._aux_host_notice = True
 
-        def store(shape: tuple[int, ...]) -> TensorAuxStore:
+        replica = self._replica_rows()      # a distributed stage replica holds its block's rows only
+        if replica is not None:
+            n = replica[1]
+
+        def store(shape: tuple[int, ...]) -> Any:
             if where == "host":
-                return HostAuxStore(n, shape, cfg.aux_dtype, compute_device=dev)
-            return TensorAuxStore(n, shape, cfg.aux_dtype, device=dev, compute_device=dev)
+                s = HostAuxStore(n, shape, cfg.aux_dtype, compute_device=dev)
+            else:
+                s = TensorAuxStore(n, shape, cfg.aux_dtype, device=dev, compute_device=dev)
+            return s if replica is None else OffsetAuxStore(s, replica[0])
 
         stores: dict[str, list[Any]] = {
             "input": [None] + [store(coarse[i]) if i in mine["input"] else None for i in range(k - 1)],
@@ -119,6 +127,10 @@ class ParallelPhase:
             place = str(dev)
         rank = (f" of rank {self.topology.rank} (per rank; the epoch records total every rank's)"
                 if self.topology.world > 1 else f" of all {k} stages (total, one process)")
+        if self.topology.replicas > 1:
+            r = self.topology.replicas
+            views += (f", replica {self.topology.replica} of {r}: rows {replica[0]}..{replica[0] + n - 1}"
+                      if replica is not None else f", {r} replicas simulated")
         self.log(f"auxiliary stores{rank}: {total / 2**20:.1f} MiB in {cfg.aux_dtype} in {place} ({why}; "
                  f"cuts {[tuple(c) for c in coarse]} coarse, s={cfg.ds}, {n} rows{views})")
         self.aux_bytes = total
@@ -154,8 +166,29 @@ class ParallelPhase:
                               "(mirrored digits are other digits); use --parallel-augment shift")
         return FlipViews(self.data.num_train, self.cfg.seed)
 
+    def _replica_rows(self) -> tuple[int, int] | None:
+        """(first row, rows) of this process's block of the training rows when it runs one replica
+        of a stage in a distributed K x R run (replicas.py), else None."""
+        topo = self.topology
+        if topo.replicas == 1 or topo.world == 1:
+            return None
+        per = block_rows(self.data.num_train, topo.replicas)
+        return topo.replica * per, per
+
+    def _mine(self, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+        """This process's rows of the global batches: its replica's share (distributed K x R run)
+        or all of them."""
+        topo = self.topology
+        if topo.replicas == 1 or topo.world == 1:
+            return batches
+        return [share_of(b, topo.replica, topo.replicas) for b in batches]
+
     def _parallel_batches(self, epoch: int) -> list[torch.Tensor]:
-        """The parallel epoch's batches as store rows: sample indices, or view indices (shift_flip)."""
+        """The parallel epoch's global batches as store rows: sample indices, or view indices
+        (shift_flip); with stage replicas, R equal shares, share r from replica r's block."""
+        if self.topology.replicas > 1:
+            return replica_batches(self.data.num_train, self.topology.replicas, self.cfg.batch_size,
+                                   self.cfg.seed, epoch)
         batches = self.plain_loader.batches(epoch)
         if self.flip_views is None:
             return batches
@@ -196,11 +229,15 @@ class ParallelPhase:
 
     def _settings(self) -> list[WorkerSettings]:
         cfg, ps = self.cfg, self.phase_state
+        rows = self._replica_rows()
         return [WorkerSettings(method=cfg.method, order=cfg.al_order if cfg.method == "al" else "jacobi",
                                beta=ps.betas[k], gamma=cfg.gamma, window=cfg.window, lr_cap=ps.lr_caps[k],
                                lr_scale=self._stage_lr_scale(k), precision=self.precision,
                                channels_last=cfg.channels_last, label_smoothing=cfg.label_smoothing,
-                               augment=self.shift_aug, compile=cfg.compile)
+                               augment=self.shift_aug, compile=cfg.compile,
+                               replicas=self.topology.replicas, simulate=self.topology.simulates_replicas,
+                               replica=self.topology.replica, grad_reduce=self.topology.grad_reduce(k),
+                               row_start=rows[0] if rows is not None else 0)
                 for k in range(len(self.stages))]
 
     def _enter_parallel(self, pidx: int, epoch: int) -> None:
@@ -259,6 +296,7 @@ class ParallelPhase:
             for k, (kap, b) in enumerate(zip(kappas[:-1], betas[:-1]))))
         # initial fill, pipelined stage by stage in the first parallel epoch's batch order
         # (with mirror views, then the same batches' other views)
+        batches = self._mine(batches)
         if self.flip_views is not None:
             batches = batches + [self.flip_views.other(b) for b in batches]
         workers = self._workers(self._settings())
@@ -305,12 +343,12 @@ class ParallelPhase:
         """One parallel epoch of the stages this process owns (docs/method.md §5); then every rank
         gets every stage's state from its owner and the epoch's record from every rank."""
         cfg, topo = self.cfg, self.topology
-        batches = self._parallel_batches(epoch)
+        batches = self._mine(self._parallel_batches(epoch))
         workers = self._workers(self._settings())
         if not getattr(self, "_warmed", False):   # a phase resumed from a checkpoint
             self._warm_up(workers, batches)
         step0 = epoch * self.steps_per_epoch
-        delay = cfg.delay_s if topo.world > 1 and any(w.rank == cfg.delay_rank for w in workers) else 0.0
+        delay = cfg.delay_s if topo.world > 1 and topo.rank == cfg.delay_rank else 0.0
         for w in workers:
             w.begin_epoch(epoch, batches, lambda t: self.lr_at(step0 + t))
         where = f" (stage {workers[0].rank})" if topo.world > 1 else ""
@@ -336,7 +374,7 @@ class ParallelPhase:
         mine = ([(w.rank, s, w.tp.counters()) for w, s in zip(workers, stats)], wall, getattr(self, "aux_bytes", 0),
                 getattr(self, "aux_where", "device"))
         every = topo.gather(mine)
-        per_stage = sorted((x for part in every for x in part[0]), key=lambda x: x[0])
+        per_stage = _merge_replicas(sorted((x for part in every for x in part[0]), key=lambda x: x[0]))
         topo.sync_stages(self.stages, self.optimizers)
         rec = self._parallel_record(epoch, [x[1] for x in per_stage], [_Counters(x[2]) for x in per_stage])
         rec["aux_memory_bytes"] = sum(part[2] for part in every)      # every rank's stores
@@ -404,6 +442,9 @@ class ParallelPhase:
         if self.stores is None or len(self.stages) < 2:
             return []
         n = min(self.cfg.batch_size, self.data.num_train)
+        if self.topology.replicas > 1:      # one share of replica 0's block (its owners hold those rows;
+            r = self.topology.replicas      # a share's shapes were warmed up)
+            n = min(self.cfg.batch_size // r, block_rows(self.data.num_train, r))
         idx = torch.arange(n)
         x = self._input_fn()(idx)
         y = self.data.y_train[idx].to(self.device)
@@ -420,7 +461,7 @@ class ParallelPhase:
                 offs += len(ps)
             form = "gs" if (self.cfg.method == "al" and self.cfg.al_order == "gs") else "jacobi"
             for k, stage in enumerate(self.stages[:-1]):
-                if not self.topology.owns(k):  # computed by its owner (distributed run)
+                if not self.topology.owns(k) or self.topology.replica:  # computed by its owner (replica 0)
                     out.append(float("nan"))
                     continue
                 z = x if k == 0 else self.stores["input"][k].stage_input(idx, self.filt, self.cfg.channels_last)
@@ -433,3 +474,27 @@ class ParallelPhase:
             return out
         every = self.topology.gather(out)             # each value from the stage's owner
         return [every[k][k] if k < len(every) else float("nan") for k in range(len(out))]
+
+
+_TIMES = ("compute_s", "data_s", "update_s", "wait_s")
+
+
+def _merge_replicas(per_stage: list[tuple[int, Any, Any]]) -> list[tuple[int, Any, Any]]:
+    """One entry per stage from the entries of its replicas (stage replicas: sums of the samples,
+    losses, correct counts and drift sums; the slowest replica's times; the bytes of all)."""
+    out: list[tuple[int, Any, Any]] = []
+    for k, st, counters in per_stage:
+        if not out or out[-1][0] != k:
+            out.append((k, st, counters))
+            continue
+        _, acc, c_acc = out[-1]
+        for name in ("loss_sum", "samples", "correct", "drift_num", "drift_den", "step_num", "sync_points"):
+            setattr(acc, name, getattr(acc, name) + getattr(st, name))
+        for name in _TIMES:
+            setattr(acc, name, max(getattr(acc, name), getattr(st, name)))
+        merged = {}
+        for key in set(c_acc) | set(counters):
+            a, b = c_acc.get(key, {}), counters.get(key, {})
+            merged[key] = {f: a.get(f, 0) + b.get(f, 0) for f in set(a) | set(b)}
+        out[-1] = (k, acc, merged)
+    return out

@@ -34,13 +34,13 @@ class SerialPhase:
         return self._serial_epoch_ddp(epoch)
 
     def _serial_shards(self) -> int:
-        """How many data-parallel ranks one process simulates in a serial epoch: K with
-        ``--serial-on all`` and K > 1 stages (what K processes do, so ``--transport local``
+        """How many data-parallel ranks one process simulates in a serial epoch: K·R with
+        ``--serial-on all`` and K > 1 stages (R stage replicas) (what K processes do, so ``--transport local``
         gives the results of a distributed run), else 1."""
         cfg = self.cfg
         if cfg.serial_bn == "global":   # every simulated rank normalises over the whole batch: one pass
             return 1
-        return cfg.stages if (cfg.serial_on == "all" and cfg.stages > 1 and self.topology.world == 1) else 1
+        return cfg.world_size() if (cfg.serial_on == "all" and cfg.stages > 1 and self.topology.world == 1) else 1
 
     @property
     def _serial_model(self) -> nn.Module:

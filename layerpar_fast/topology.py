@@ -193,6 +193,18 @@ class Topology(ABC):
 
     rank: int = 0
     world: int = 1
+    replicas: int = 1       # R: replicas of every stage (replicas.py)
+    replica: int = 0        # which replica this process runs (distributed)
+    stage: int = 0          # the stage this process trains in parallel phases (distributed)
+
+    @property
+    def simulates_replicas(self) -> bool:
+        """Whether this one process computes what R > 1 replicas of every stage compute."""
+        return self.replicas > 1 and self.world == 1
+
+    def grad_reduce(self, k: int) -> Any:
+        """An in-place sum over the replicas of stage ``k`` (None: nothing to reduce here)."""
+        return None
 
     @property
     def is_main(self) -> bool:
@@ -247,7 +259,11 @@ class Topology(ABC):
 
 
 class LocalTopology(Topology):
-    """One process holds and trains every stage."""
+    """One process holds and trains every stage (and, with ``replicas`` R > 1, computes what R
+    replicas of every stage compute: the oracle of a K x R run)."""
+
+    def __init__(self, replicas: int = 1) -> None:
+        self.replicas = int(replicas)
 
     def owns(self, k: int) -> bool:
         return True
@@ -258,30 +274,57 @@ class LocalTopology(Topology):
 
 
 class DistTopology(Topology):
-    """One process per stage in an initialised torch.distributed process group: rank k owns stage
-    k; messages travel through one :class:`~layerpar_fast.dist.DistTransport`."""
+    """One process per stage and replica in an initialised torch.distributed process group:
+    rank r·K + k runs replica r of stage k (R = 1: rank k owns stage k); messages travel through
+    one :class:`~layerpar_fast.dist.DistTransport` between the replica's own stages, and the R
+    replicas of a stage all-reduce over a process group of their own."""
 
-    def __init__(self, num_stages: int, *, timeout_s: float, window: int, device: torch.device) -> None:
+    def __init__(self, num_stages: int, *, timeout_s: float, window: int, device: torch.device,
+                 replicas: int = 1) -> None:
         from .config import ConfigError
         from .dist import DistTransport, dist_env
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("DistTopology needs an initialised process group (layerpar_fast.dist.init_process_group)")
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        if self.world != num_stages:
-            raise ConfigError(f"{self.world} processes for --stages {num_stages}: a distributed run needs "
-                              "exactly one process per stage")
+        self.replicas, self.num_stages = int(replicas), num_stages
+        if self.world != num_stages * self.replicas:
+            raise ConfigError(f"{self.world} processes for --stages {num_stages} x --replicas {self.replicas}: a "
+                              f"distributed run needs exactly one process per stage and replica ({num_stages * self.replicas})")
         if self.world < 2:
             raise ConfigError("a distributed run needs at least 2 processes; use --transport local for one")
+        self.stage, self.replica = self.rank % num_stages, self.rank // num_stages
+        self._stage_groups: list[Any] = []
+        if self.replicas > 1:       # every rank creates every group, in the same order
+            for k in range(num_stages):
+                self._stage_groups.append(dist.new_group([r * num_stages + k for r in range(self.replicas)]))
         env = dist_env()
         self._local = env.local_world_size if env is not None else self.world
         self.timeout_s = timeout_s
         if device.type == "cuda" and device.index is None:  # receive threads need the explicit device
             device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
-        self.transport = DistTransport(timeout_s=timeout_s, window=window, device=device)
+        self.transport = DistTransport(timeout_s=timeout_s, window=window, device=device,
+                                       base=self.replica * num_stages, span=num_stages)
 
     def owns(self, k: int) -> bool:
-        return k == self.rank
+        return k == self.stage
+
+    def grad_reduce(self, k: int) -> Any:
+        if self.replicas == 1:
+            return None
+        group = self._stage_groups[k]
+        dev = self.device
+
+        def reduce(t: torch.Tensor) -> torch.Tensor:
+            if dist.get_backend() == "nccl" and t.device.type != "cuda":
+                d = t.to(dev)
+                dist.all_reduce(d, group=group)
+                t.copy_(d)
+            else:
+                dist.all_reduce(t, group=group)
+            return t
+
+        return reduce
 
     def local_workers(self) -> int:
         return self._local

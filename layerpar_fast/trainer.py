@@ -65,7 +65,10 @@ class HybridTrainer(ParallelPhase, SerialPhase, Evaluation, Checkpoints):
                  cuts: list[int] | None = None,
                  log: Callable[[str], None] | None = None, resume: bool = False,
                  topology: Topology | None = None) -> None:
-        self.topology = topo = topology if topology is not None else LocalTopology()
+        self.topology = topo = topology if topology is not None else LocalTopology(cfg.replicas)
+        if topo.replicas != cfg.replicas:
+            raise ConfigError(f"the topology runs {topo.replicas} replica(s) of every stage, the configuration "
+                              f"says --replicas {cfg.replicas}")
         if not topo.is_main:          # only rank 0 logs and shows progress
             log = _quiet
             cfg = dataclasses.replace(cfg, progress=False)
@@ -232,7 +235,15 @@ class HybridTrainer(ParallelPhase, SerialPhase, Evaluation, Checkpoints):
         self.log(f"layerpar_fast {__version__}: {self.model_name} on {self.data.name} "
                  f"({self.data.num_train} train / {self.data.num_test} test), method {cfg.method}, "
                  f"schedule {cfg.resolved_schedule()}, {self.total_epochs} epochs, "
-                 f"{len(self.stages)} stage(s) cuts {self.cuts}, device {self.device}, {self.threads} thread(s)")
+                 f"{len(self.stages)} stage(s) cuts {self.cuts}"
+                 + (f" x {cfg.replicas} replicas" if cfg.replicas > 1 else "")
+                 + f", device {self.device}, {self.threads} thread(s)")
+        if cfg.replicas > 1 and any(p == "parallel" for p, _ in cfg.phases()):
+            rest = self.data.num_train % cfg.replicas
+            if rest:
+                self.log(f"notice: --replicas {cfg.replicas}: parallel epochs train {self.data.num_train - rest} of "
+                         f"{self.data.num_train} rows (blocks of {self.data.num_train // cfg.replicas} per replica); "
+                         f"the last {rest} train in serial epochs only")
         while self.epoch < len(plan):
             pidx, phase, j, n = plan[self.epoch]
             t0 = time.perf_counter()
@@ -300,7 +311,8 @@ class DistTrainer(HybridTrainer):
     """:class:`HybridTrainer` with one process per stage (a
     :class:`~layerpar_fast.topology.DistTopology`); this process is rank k = stage k.
 
-    Needs an initialised process group with exactly ``cfg.stages`` ranks
+    Needs an initialised process group with exactly ``cfg.stages`` ranks, or ``cfg.stages ·
+    cfg.replicas`` with stage replicas (rank r·K + k runs replica r of stage k; replicas.py)
     (:func:`layerpar_fast.dist.init_process_group`). Every rank builds the whole network from the
     same seed; rank k trains stage k in parallel phases, and after each parallel epoch every
     stage's parameters, buffers and optimizer state are broadcast from its owner. Serial phases
@@ -309,7 +321,8 @@ class DistTrainer(HybridTrainer):
     """
 
     def __init__(self, cfg: Config, out_dir: str | None = None, **kw: Any) -> None:
-        topo = DistTopology(cfg.stages, timeout_s=cfg.timeout_s, window=cfg.window, device=_pick_device(cfg))
+        topo = DistTopology(cfg.stages, timeout_s=cfg.timeout_s, window=cfg.window, device=_pick_device(cfg),
+                            replicas=cfg.replicas)
         try:
             super().__init__(cfg, out_dir, topology=topo, **kw)
         except BaseException:

@@ -30,6 +30,7 @@ from .auxstore import AuxStore
 from .filters import FilterPair
 from .paraug import ShiftAugment
 from .precision import Precision, inverse_scale
+from .replicas import ReplicaBN, mean_running_, shares, share_of, sum_grads_
 from .transport import Transport, TransportError
 
 
@@ -49,6 +50,12 @@ class WorkerSettings:
     label_smoothing: float = 0.0
     augment: ShiftAugment | None = None  # shift views of the parallel phase (paraug.py)
     compile: bool = False                # torch.compile the stage's forward + loss (--compile)
+    # stage replicas (replicas.py): R replicas of this stage in all
+    replicas: int = 1
+    simulate: bool = False               # this worker computes all R shares of every batch (one process)
+    replica: int = 0                     # else: which share of the global batches this worker's are
+    grad_reduce: Callable[[torch.Tensor], Any] | None = None   # sums a tensor over the stage's replicas
+    row_start: int = 0                   # first store row of this worker (a replica's block)
 
 
 @dataclass
@@ -154,6 +161,13 @@ class StageWorker:
         self.stats = EpochStats()
         self.clock = Clock(device)
         self.mode = "train"
+        r = settings.replicas
+        if r < 1 or (settings.simulate and settings.grad_reduce is not None):
+            raise ValueError(f"stage {rank}: bad replica settings (replicas={r}, simulate={settings.simulate})")
+        if r > 1 and not settings.simulate and settings.grad_reduce is None:
+            raise ValueError(f"stage {rank}: a replica of {r} needs grad_reduce (the stage group's all-reduce)")
+        self.parts = r if settings.simulate else 1   # shares of every batch computed here
+        self._bn: ReplicaBN | None = None           # the simulated replicas' BatchNorm buffers
 
     # ---------------------------------------------------------------------------------------
     def begin_epoch(self, epoch: int, batches: list[torch.Tensor], lr: Callable[[int], float],
@@ -178,6 +192,7 @@ class StageWorker:
         self.stats = EpochStats()
         self.clock = Clock(self.device)
         self.module.train()
+        self._bn = ReplicaBN(self.module, self.parts) if (self.parts > 1 and mode == "train") else None
         self._announce(mode)
 
     def _announce(self, mode: str) -> None:
@@ -205,7 +220,12 @@ class StageWorker:
         aug = self.cfg.augment
         sh = None
         if aug is not None:
-            sh = self._shifts[t] = aug.shifts(self.epoch, t, len(idx))
+            r = self.cfg.replicas
+            if r > 1 and not self.cfg.simulate:   # this replica's rows of the global batch's views
+                sh = share_of(aug.shifts(self.epoch, t, len(idx) * r), self.cfg.replica, r)
+            else:
+                sh = aug.shifts(self.epoch, t, len(idx))
+            self._shifts[t] = sh
         send_a = None
         if not self.last and self.form == "gs":   # Gauss-Seidel: send a_k right after the forward
             send_a = lambda a: self.tp.send(self.rank + 1, "in", t, a.to(self.target_store.dtype))  # noqa: E731
@@ -246,58 +266,83 @@ class StageWorker:
         tgt = target.float()
         return loss, a, (a - tgt).pow(2).sum(), tgt.pow(2).sum()
 
+    def _parts(self, idx: torch.Tensor, *more: torch.Tensor | None) -> list[tuple[Any, ...]]:
+        """``[(idx, *more)]``, or with simulated replicas the R shares of each (replicas.py)."""
+        if self.parts == 1:
+            return [(idx, *more)]
+        cols = [shares(idx, self.parts)] + [shares(m, self.parts) if m is not None else [None] * self.parts
+                                             for m in more]
+        return list(zip(*cols))
+
     def _train_on(self, idx: torch.Tensor, sh: torch.Tensor | None, lr: float,
                   send_a: Callable[[torch.Tensor], None] | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Read, forward, local loss, backward, optimizer step on rows ``idx`` (view shifts ``sh``);
         returns (a_k or None, g_{k-1} or None). No host synchronisation: the monitors accumulate
-        on the device (EpochStats) and are read once per epoch."""
+        on the device (EpochStats) and are read once per epoch. With stage replicas the loss of
+        each share is scaled by 1/R and the gradients are summed over the replicas before the
+        step (in this process over the simulated shares, in replica order; else an all-reduce)."""
         aug = self.cfg.augment
         clock = self.clock
-        t0 = clock.now()
-        if self.first:
-            z_in = z = self.input_fn(idx)
-            if sh is not None:
-                z = aug.view(z, sh, fill=aug.fill)
-        else:
-            z_in = self.input_store.stage_input(idx, self.filt, self.cfg.channels_last).requires_grad_(True)
-            z = aug.view(z_in, sh) if sh is not None else z_in
-        if not self.last:
-            target = self.target_store.gather(idx)
-            mult = self.mult_store.gather(idx) if self.mult_store is not None else None
-        t1 = clock.now()
-        clock.add("data_s", t0, t1)
-
         for group in self.opt.param_groups:
             group["lr"] = lr
-        devsync.first_call(f"stage{self.rank}/forward+backward", z)   # kernel loads, cuDNN search
-        b = len(idx)
-        st = self.stats
-        if self.last:
-            y = self.y_train[idx].to(self.device, non_blocking=True)
-            loss, correct = self._loss_fn(z, None, None, y, None)
-            st.add("correct", correct)
-            a = None
-        else:
-            loss, a, drift_num, drift_den = self._loss_fn(z, target, mult, None, sh)
-            st.add("drift_num", drift_num)
-            st.add("drift_den", drift_den)
-            if send_a is not None:
-                send_a(a)
         self.opt.zero_grad(set_to_none=True)
         scaler = self.scaler
-        with nvtx_range(f"stage{self.rank}/backward"):
-            scaler.scale(loss).backward()
-        g = None
-        if not self.first:
-            g = ops.coarse_input_grad(z_in.grad, self.filt)
-            inv = inverse_scale(scaler, g.device)
-            if inv is not None:     # fp16: unscale; an overflowed step sends zeros, not inf
-                g = torch.nan_to_num(g * inv, nan=0.0, posinf=0.0, neginf=0.0)
+        st = self.stats
+        r_all = self.cfg.replicas
+        a_parts, g_parts = [], []
+        for r, (pidx, psh) in enumerate(self._parts(idx, sh)):
+            if self._bn is not None:
+                self._bn.use(r)
+            t0 = clock.now()
+            if self.first:
+                z_in = z = self.input_fn(pidx)
+                if psh is not None:
+                    z = aug.view(z, psh, fill=aug.fill)
+            else:
+                z_in = self.input_store.stage_input(pidx, self.filt, self.cfg.channels_last).requires_grad_(True)
+                z = aug.view(z_in, psh) if psh is not None else z_in
+            if not self.last:
+                target = self.target_store.gather(pidx)
+                mult = self.mult_store.gather(pidx) if self.mult_store is not None else None
+            t1 = clock.now()
+            clock.add("data_s", t0, t1)
+            devsync.first_call(f"stage{self.rank}/forward+backward", z)   # kernel loads, cuDNN search
+            b = len(pidx)
+            if self.last:
+                y = self.y_train[pidx].to(self.device, non_blocking=True)
+                loss, correct = self._loss_fn(z, None, None, y, None)
+                st.add("correct", correct)
+            else:
+                loss, a, drift_num, drift_den = self._loss_fn(z, target, mult, None, psh)
+                st.add("drift_num", drift_num)
+                st.add("drift_den", drift_den)
+                if send_a is not None and self.parts == 1:
+                    send_a(a)
+                a_parts.append(a)
+            with nvtx_range(f"stage{self.rank}/backward"):
+                scaler.scale(loss * (1.0 / r_all) if r_all > 1 else loss).backward()
+            if not self.first:
+                g = ops.coarse_input_grad(z_in.grad, self.filt)
+                if r_all > 1:       # g is per sample (|share| x the gradient of a loss scaled by 1/R)
+                    g = g * float(r_all)
+                inv = inverse_scale(scaler, g.device)
+                if inv is not None:     # fp16: unscale; an overflowed step sends zeros, not inf
+                    g = torch.nan_to_num(g * inv, nan=0.0, posinf=0.0, neginf=0.0)
+                g_parts.append(g)
+            st.add("loss_sum", loss.detach().double() * b)
+            st.samples += b
+            clock.add("compute_s", t1, clock.now())
+        t1 = clock.now()
+        a = None if self.last else (a_parts[0] if len(a_parts) == 1 else torch.cat(a_parts))
+        if send_a is not None and self.parts > 1:
+            send_a(a)
+        g = None if self.first else (g_parts[0] if len(g_parts) == 1 else torch.cat(g_parts))
+        if self.cfg.grad_reduce is not None:
+            with nvtx_range(f"stage{self.rank}/replica_all_reduce"):
+                sum_grads_([p for grp in self.opt.param_groups for p in grp["params"]], self.cfg.grad_reduce)
         devsync.first_call(f"stage{self.rank}/optimizer_step")
         scaler.step(self.opt)
         scaler.update()
-        st.add("loss_sum", loss.detach().double() * b)
-        st.samples += b
         clock.add("compute_s", t1, clock.now())
         return a, g
 
@@ -316,7 +361,7 @@ class StageWorker:
         saved_clock, self.clock = self.clock, Clock(self.device)
         stores = [s for s in (self.input_store, self.target_store, self.mult_store) if s is not None]
         for b in sorted(set(sizes)):
-            idx = torch.arange(b)
+            idx = torch.arange(b) + self.cfg.row_start
             rows = [s.gather(idx).clone() for s in stores]
             sh = None
             if self.cfg.augment is not None:
@@ -342,9 +387,19 @@ class StageWorker:
     def end_epoch(self) -> EpochStats:
         """Drain: receive and apply every outstanding message of this epoch, then flush sends."""
         self._drain_all(wait_in=True, what="epoch")
+        self.average_replica_bn()
         for name in ("data_s", "compute_s", "update_s"):   # device time on a GPU (one read per epoch)
             setattr(self.stats, name, self.clock.total(name))
         return self.stats.finalize()
+
+    def average_replica_bn(self) -> None:
+        """With stage replicas: the BatchNorm running statistics become their mean over the
+        replicas (simulated ones here, else an all-reduce over the stage's group)."""
+        if self._bn is not None:
+            self._bn.average()
+            self._bn = None
+        elif self.cfg.grad_reduce is not None and self.mode == "train":
+            mean_running_(self.module, self.cfg.grad_reduce, self.cfg.replicas)
 
     # ---------------------------------------------------------------------------------------
     def init_step(self, t: int) -> None:
@@ -356,11 +411,16 @@ class StageWorker:
             self._drain_ready(upto=t)        # the input rows of batch t must be there now
         idx = self.batches[t]
         with torch.no_grad():
-            z = self.input_fn(idx) if self.first else self.input_store.stage_input(idx, self.filt, self.cfg.channels_last)
-            with self.prec.autocast():
-                o = self.module(z)
+            outs = []
+            for (pidx,) in self._parts(idx):   # simulated replicas: batch statistics per share
+                z = (self.input_fn(pidx) if self.first
+                     else self.input_store.stage_input(pidx, self.filt, self.cfg.channels_last))
+                with self.prec.autocast():
+                    o = self.module(z)
+                if not self.last:
+                    outs.append(self.filt.down(o.float()))
             if not self.last:
-                a = self.filt.down(o.float())
+                a = outs[0] if len(outs) == 1 else torch.cat(outs)
                 self.target_store.scatter_(idx, a)
                 self.tp.send(self.rank + 1, "in", t, a.to(self.target_store.dtype))
         self.done = t
@@ -393,21 +453,29 @@ class StageWorker:
             self._wait("g", self.rank + 1, t)
             g_t = next(m for tag, step, m in self._deferred if tag == "g" and step == t)
         if not self.first:
-            z = self.input_store.stage_input(idx, self.filt, self.cfg.channels_last).requires_grad_(True)
-            with self.prec.autocast():
-                o = self.module(z)
-            if self.last:
-                y = self.y_train[idx].to(self.device, non_blocking=True)
-                loss = F.cross_entropy(o.float(), y, label_smoothing=self.cfg.label_smoothing)
-            else:
-                target = self.target_store.gather(idx)
-                loss, _ = ops.local_loss(o, target, g_t.to(target.dtype), self.cfg.beta, "gs", self.filt)
-            (grad_z,) = torch.autograd.grad(self.scaler.scale(loss), z)
-            g = ops.coarse_input_grad(grad_z, self.filt)
-            inv = inverse_scale(self.scaler, g.device)
-            if inv is not None:
-                g = torch.nan_to_num(g * inv, nan=0.0, posinf=0.0, neginf=0.0)
-            self.tp.send(self.rank - 1, "g", t, g)
+            r_all = self.cfg.replicas
+            gs = []
+            for pidx, pg in self._parts(idx, g_t):   # simulated replicas: one share at a time
+                z = self.input_store.stage_input(pidx, self.filt, self.cfg.channels_last).requires_grad_(True)
+                with self.prec.autocast():
+                    o = self.module(z)
+                if self.last:
+                    y = self.y_train[pidx].to(self.device, non_blocking=True)
+                    loss = F.cross_entropy(o.float(), y, label_smoothing=self.cfg.label_smoothing)
+                else:
+                    target = self.target_store.gather(pidx)
+                    loss, _ = ops.local_loss(o, target, pg.to(target.dtype), self.cfg.beta, "gs", self.filt)
+                if r_all > 1:
+                    loss = loss * (1.0 / r_all)
+                (grad_z,) = torch.autograd.grad(self.scaler.scale(loss), z)
+                g = ops.coarse_input_grad(grad_z, self.filt)
+                if r_all > 1:
+                    g = g * float(r_all)
+                inv = inverse_scale(self.scaler, g.device)
+                if inv is not None:
+                    g = torch.nan_to_num(g * inv, nan=0.0, posinf=0.0, neginf=0.0)
+                gs.append(g)
+            self.tp.send(self.rank - 1, "g", t, gs[0] if len(gs) == 1 else torch.cat(gs))
         if not self.last and self.form == "jacobi":
             self._pending_a[t] = self.target_store.gather(idx).float()   # a = λ̃ right after the fill
         self.done = t
