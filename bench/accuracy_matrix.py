@@ -91,6 +91,7 @@ VARIANTS: dict[str, list[str]] = {
     "allserial10": ["--schedule", "serial:10"],            # K simulated data-parallel shares, no parallel phase
     "late10": ["--schedule", "serial:3,parallel:2,serial:5"],   # the parallel phase at a lower learning rate
     "bf16": ["--amp", "bf16"],                                   # mixed precision (issue 15's accuracy check)
+    "replicas2": ["--replicas", "2"],                            # K stages x 2 replicas, same global batch (issue 13)
 }
 
 
