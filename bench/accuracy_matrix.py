@@ -293,6 +293,14 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
     variants = args.variants.split(",") if getattr(args, "variants", None) else ["default"]
     tables = {v: matrix(results, v) for v in variants}
     main = tables[variants[0]]
+    carry = getattr(args, "carry", None)
+    if carry:         # rows of an earlier report for the cells this one has not run (marked)
+        with open(carry) as f:
+            old = json.load(f)
+        have = {(r["cell"], r["K"]) for r in main}
+        main += [dict(r, carried_from=os.path.basename(carry)) for r in old
+                 if r.get("variant", "default") == variants[0] and (r["cell"], r["K"]) not in have]
+        main.sort(key=lambda r: (list(CELLS).index(r["cell"]), r["K"]))
     if not any(tables.values()):
         return
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
@@ -314,10 +322,14 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             ok = "met" if r["gap"] >= -goal(r) else "missed"
-            lines.append(f"| {r['cell']} | {r['K']} | {','.join(map(str, r['seeds']))} | {r['serial_acc']:.2f}% | "
+            mark = " †" if r.get("carried_from") else ""
+            lines.append(f"| {r['cell']}{mark} | {r['K']} | {','.join(map(str, r['seeds']))} | {r['serial_acc']:.2f}% | "
                          f"{r['sph_acc']:.2f}% | {r['gap']:+.2f} | {' '.join(f'{g:+.2f}' for g in r['gap_per_seed'])} | "
                          f"{ok} | {r['parallel_share']:.2f} | `{r['schedule']}` | {r['wall_s']:.0f} s | "
                          f"{r['serial_wall_s']:.0f} s |")
+        if any(r.get("carried_from") for r in rows):
+            src = sorted({r["carried_from"] for r in rows if r.get("carried_from")})
+            lines.append(f"† carried over from {', '.join(src)} (an earlier round of the same defaults, not re-run here)")
         lines.append("")
     lines[6:6] = compact(tables, variants) + [""]
     with open(args.md, "w") as f:
@@ -379,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         q.add_argument("--json", default=os.path.join(HERE, "results", "accuracy_matrix.json"))
         q.add_argument("--md", default=os.path.join(HERE, "results", "accuracy_matrix.md"))
         q.add_argument("--png", default=os.path.join(HERE, "results", "accuracy_matrix.png"))
+        q.add_argument("--carry", help="an earlier report's json: its rows for cells not run here are kept (marked)")
         q.add_argument("--variants", default="default",
                        help="variants in the report (the first one is the json's matrix)")
         if name in ("run", "collect"):

@@ -44,3 +44,21 @@ def test_matrix_rows_average_seeds_and_compute_the_gap(tmp_path):
                                         "sph_acc", "gap", "parallel_share", "wall_s"} <= set(rows[0])
     md = open(tmp_path / "m.md").read()
     assert "Variant `tail50`" in md and "missed" in md and os.path.getsize(tmp_path / "m.png") > 0
+
+
+def test_report_carries_rows_of_cells_it_did_not_run(tmp_path):
+    res = {"mnist-10k-noaug-e4/serial-seed0": _run(97.0), "mnist-10k-noaug-e4/default-K4-seed0": _run(96.8)}
+    old = [{"cell": "mnist-10k-noaug-e4", "K": 4, "variant": "default", "gap": -2.0},   # re-run: replaced
+           {"cell": "cifar10-10k-noaug-e10", "K": 2, "variant": "default", "dataset": "cifar10", "seeds": [0],
+            "serial_acc": 65.0, "sph_acc": 66.0, "gap": 1.0, "gap_per_seed": [1.0], "parallel_share": 0.2,
+            "schedule": "serial:1,parallel:2,serial:7", "wall_s": 1.0, "serial_wall_s": 2.0},
+           {"cell": "cifar10-10k-noaug-e10", "K": 4, "variant": "tail50", "gap": -2.7}]       # another variant: not
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    args = type("A", (), dict(variants="default", json=str(tmp_path / "m.json"), md=str(tmp_path / "m.md"),
+                              png=str(tmp_path / "m.png"), carry=str(tmp_path / "old.json")))()
+    am.report(res, args)
+    rows = json.load(open(tmp_path / "m.json"))
+    assert [(r["cell"], r["K"]) for r in rows] == [("mnist-10k-noaug-e4", 4), ("cifar10-10k-noaug-e10", 2)]
+    assert rows[0]["gap"] == -0.2 and "carried_from" not in rows[0] and rows[1]["carried_from"] == "old.json"
+    md = open(tmp_path / "m.md").read()
+    assert "cifar10-10k-noaug-e10 † | 2 |" in md and "carried over from old.json" in md
