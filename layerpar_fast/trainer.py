@@ -339,7 +339,7 @@ def evaluate_run(run_dir: str, *, test_subset: int | None = None, data_dir: str 
     ``data_dir`` replaces the run's data folder (the run moved to another machine)."""
     values = read_run_config(run_dir, "final_model.pt", "eval")
     model_path = os.path.join(run_dir, "final_model.pt")
-    values.update(stages=1, cuts=None, method="serial", schedule="serial:1", epochs=None, progress=False,
+    values.update(stages=1, replicas=1, cuts=None, method="serial", schedule="serial:1", epochs=None, progress=False,
                   test_subset=test_subset, out=None, threads=threads or values.get("threads"),
                   transport="local", delay_rank=None, delay_s=0.0, device="auto")
     if data_dir is not None:

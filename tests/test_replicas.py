@@ -128,6 +128,19 @@ def test_simulated_replicas_differ_from_one_replica_with_batchnorm():
     assert T.max_diff(a, b) > 1e-4
 
 
+def test_a_replicated_run_directory_evaluates(tmp_path, monkeypatch):
+    """evaluate_run (`layerpar eval`, the accuracy matrix) reads a --replicas run's configuration
+    into a one-stage model (it once kept replicas = 2 with stages = 1 and was refused)."""
+    import layerpar_fast.trainer as trainer_mod
+    cfg = T.tiny_config(2, transport="local", replicas=2, schedule="parallel:1")
+    HybridTrainer(cfg, str(tmp_path / "run"), data=T.tiny_data(), model=T.tiny_model(), cuts=[2],
+                  log=lambda m: None).run()
+    monkeypatch.setattr(trainer_mod, "load_dataset", lambda *a, **k: T.tiny_data())
+    monkeypatch.setattr(trainer_mod, "build_model", lambda *a, **k: T.tiny_model())
+    out = trainer_mod.evaluate_run(str(tmp_path / "run"))
+    assert 0.0 <= out["test_acc"] <= 1.0 and out["num_test"] == 16
+
+
 def test_layout_errors_come_before_any_work():
     with pytest.raises(ConfigError, match="not a multiple of --replicas 3"):
         T.tiny_config(2, replicas=3)                  # batch 8
