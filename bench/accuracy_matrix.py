@@ -350,7 +350,8 @@ def compact(tables: dict[str, list[dict[str, Any]]], variants: list[str]) -> lis
         row = []
         for v in shown:
             r = next((r for r in tables[v] if r["cell"] == cell and r["K"] == k), None)
-            row.append("-" if r is None else f"{r['gap']:+.2f} ({r['parallel_share']:.2f})")
+            row.append("-" if r is None else f"{r['gap']:+.2f} ({r['parallel_share']:.2f})"
+                       + (" †" if r.get("carried_from") else ""))
         out.append(f"| {cell} | {k} | " + " | ".join(row) + " |")
     return out
 
