@@ -495,7 +495,7 @@ def sec_memprec(res: dict[str, Any], args: argparse.Namespace, device: torch.dev
     from layerpar_fast.data import Dataset
     from layerpar_fast.trainer import HybridTrainer
     tiny = args.tiny
-    n, model = (256, "resnet20") if tiny else (5120, "resnet56")
+    n, model = (128, "resnet20") if tiny else (5120, "resnet56")
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (n + 64, 3, 32, 32), generator=g, dtype=torch.uint8)
     y = torch.randint(0, 10, (n + 64,), generator=g)
@@ -511,7 +511,7 @@ def sec_memprec(res: dict[str, Any], args: argparse.Namespace, device: torch.dev
         tr._enter_parallel(0, 0)
         trainers[(aux, amp)] = tr
     times: dict[tuple[str, str], list[float]] = {c: [] for c in combos}
-    for _ in range(2 if tiny else 3):
+    for _ in range(1 if tiny else 3):
         for c in combos:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -879,7 +879,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name in [s for s in RUN_ORDER if s in sections]:
             left = args.budget_s - (time.perf_counter() - t_start)
-            limit = min(LIMITS_S[name], left)
+            # the tiny CPU mode checks the harness, not speed: a slow or shared CPU gets twice the limits
+            limit = min(LIMITS_S[name] * (2 if args.tiny else 1), left)
             if left < 5:
                 doc["sections"][name] = {"status": "skipped: time budget", "results": {}, "seconds": 0.0}
                 continue
