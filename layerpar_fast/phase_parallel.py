@@ -90,8 +90,10 @@ class ParallelPhase:
         own = self.topology.owns
         mine = {"input": [i for i in range(k - 1) if own(i + 1)], "target": [i for i in range(k - 1) if own(i)],
                 "mult": [i for i in range(k - 1) if cfg.method == "al" and own(i)]}
-        rows = self._replica_rows()[1] if self._replica_rows() is not None else n
-        need = sum(rows * math.prod(coarse[i]) * self._store_dtype_bytes() for cuts in mine.values() for i in cuts)
+        replica = self._replica_rows()      # a distributed stage replica holds its block's rows only
+        if replica is not None:
+            n = replica[1]
+        need = sum(n * math.prod(coarse[i]) * self._store_dtype_bytes() for cuts in mine.values() for i in cuts)
         where, why = self._aux_placement(need)
         if where == "host":
             pinned, no_pin = pinning_available()
@@ -101,10 +103,6 @@ class ParallelPhase:
                     self.log(f"notice: --aux-device host: pinned memory unavailable ({reason}); the host "
                              "stores use ordinary memory" + (" and no side streams" if dev.type != "cuda" else ""))
                     self._aux_host_notice = True
-
-        replica = self._replica_rows()      # a distributed stage replica holds its block's rows only
-        if replica is not None:
-            n = replica[1]
 
         def store(shape: tuple[int, ...]) -> Any:
             if where == "host":

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from .globalbn import global_batch_norm_on
 from .progress import _bar, _bar_close, _bar_update
+from .replicas import ReplicaBN, bn_running
 from .topology import _no_buffer_sync
 
 
@@ -63,9 +64,7 @@ class SerialPhase:
         cfg = self.cfg
         r_count = self._serial_shards() if shards is None else shards
         self.model.train()
-        bns = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        shard_bufs = [[{k: b.detach().clone() for k, b in m.named_buffers(recurse=False) if b is not None}
-                       for m in bns] for _ in range(r_count)] if r_count > 1 else None
+        shard_bn = ReplicaBN(self.model, r_count) if r_count > 1 else None   # each simulated rank's buffers
         loader = self.train_loader
         loader.set_epoch(epoch)
         bar = _bar(len(loader), f"epoch {epoch + 1}/{self.total_epochs} serial", cfg.progress)
@@ -81,7 +80,7 @@ class SerialPhase:
             for opt in self.optimizers:
                 opt.zero_grad(set_to_none=True)
             n = len(y)
-            if shard_bufs is None or n < 2 * r_count:
+            if shard_bn is None or n < 2 * r_count:
                 parts = [(x, y, None)]
             else:
                 parts = [(x[n * r // r_count:n * (r + 1) // r_count], y[n * r // r_count:n * (r + 1) // r_count], r)
@@ -89,18 +88,15 @@ class SerialPhase:
             scaler = self.serial_scaler
             for xs, ys, r in parts:
                 if r is not None:
-                    _load_bn(bns, shard_bufs[r])
+                    shard_bn.use(r)
                 with self.precision.autocast():
                     out = self._serial_model(xs)
                 loss_sum = F.cross_entropy(out.float(), ys, reduction="sum", label_smoothing=cfg.label_smoothing)
                 scaler.scale(loss_sum / n).backward()
-                if r is not None:
-                    _save_bn(bns, shard_bufs[r])
                 sums += torch.stack([loss_sum.detach().double(), (out.detach().argmax(1) == ys).sum().double(),
                                      torch.tensor(float(len(ys)), dtype=torch.float64, device=sums.device)])
-            if shard_bufs is not None and len(parts) == 1:   # every simulated rank saw the whole batch
-                for r in range(r_count):
-                    _save_bn(bns, shard_bufs[r])
+            if shard_bn is not None and len(parts) == 1:   # every simulated rank saw the whole batch
+                shard_bn.save_to_all()
             for opt in self.optimizers:
                 scaler.step(opt)
             scaler.update()
@@ -113,14 +109,8 @@ class SerialPhase:
             elif bar is not None:
                 bar.update(1)
         _bar_close(bar)
-        if shard_bufs is not None:     # the ranks' running statistics, averaged (float64)
-            with torch.no_grad():
-                for i, m in enumerate(bns):
-                    for name in ("running_mean", "running_var"):
-                        b = getattr(m, name)
-                        if b is not None:
-                            mean = sum(shard_bufs[r][i][name].double() for r in range(r_count)) / r_count
-                            b.copy_(mean)
+        if shard_bn is not None:     # the ranks' running statistics, averaged (float64)
+            shard_bn.average()
         c = sums.tolist()
         rec = {"epoch": epoch + 1, "phase": "serial", "lr": lr, "train_loss": c[0] / c[2],
                "train_acc": c[1] / c[2], "data_s": t_data, "compute_s": t_comp}
@@ -210,26 +200,7 @@ class SerialPhase:
 
     def _average_bn_stats(self) -> None:
         """Average BatchNorm running statistics over the ranks (each saw its share of the data)."""
-        bufs = [b for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                for name, b in m.named_buffers(recurse=False) if name in ("running_mean", "running_var")
-                and b is not None]
-        if not bufs:
-            return
-        self.topology.mean_(bufs, 1.0, self.topology.world)
-
-
-def _load_bn(bns: list[nn.Module], bufs: list[dict[str, torch.Tensor]]) -> None:
-    with torch.no_grad():
-        for m, b in zip(bns, bufs):
-            for k, v in b.items():
-                getattr(m, k).copy_(v)
-
-
-def _save_bn(bns: list[nn.Module], bufs: list[dict[str, torch.Tensor]]) -> None:
-    with torch.no_grad():
-        for m, b in zip(bns, bufs):
-            for k, v in b.items():
-                v.copy_(getattr(m, k))
+        self.topology.mean_(bn_running(self.model), 1.0, self.topology.world)
 
 
 def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ import torch.nn as nn
 from .auxstore import AuxStore
 from .data.loader import _derive_seed
 from .filters import FilterPair
+from .topology import _weighted_mean_
 
 
 def block_rows(num_train: int, replicas: int) -> int:
@@ -169,6 +170,14 @@ class ReplicaBN:
                     getattr(m, k).copy_(v)
         self.current = r
 
+    def save_to_all(self) -> None:
+        """Every replica's buffers become the module's (all of them saw the same batch)."""
+        with torch.no_grad():
+            for bufs_r in self.sets:
+                for m, bufs in zip(self.mods, bufs_r):
+                    for k, v in bufs.items():
+                        v.copy_(getattr(m, k))
+
     def average(self) -> None:
         self.use(self.current if self.current is not None else 0)   # save the last replica's
         with torch.no_grad():
@@ -205,14 +214,4 @@ def sum_grads_(params: list[torch.Tensor], reduce: Callable[[torch.Tensor], Any]
 def mean_running_(module: nn.Module, reduce: Callable[[torch.Tensor], Any], replicas: int) -> None:
     """Average the BatchNorm running statistics of ``module`` over the replicas of its stage:
     float64, summed by ``reduce`` (an in-place all-reduce), divided by R."""
-    bufs = bn_running(module)
-    if not bufs:
-        return
-    flat = torch.cat([b.detach().reshape(-1).double() for b in bufs])
-    reduce(flat)
-    flat /= replicas
-    off = 0
-    with torch.no_grad():
-        for b in bufs:
-            b.copy_(flat[off:off + b.numel()].view_as(b))
-            off += b.numel()
+    _weighted_mean_(bn_running(module), 1.0, replicas, reduce)
