@@ -90,6 +90,9 @@ VARIANTS: dict[str, list[str]] = {
     # controls and placements for the 10-epoch CIFAR-10 cell (explicit schedules, E = 10)
     "allserial10": ["--schedule", "serial:10"],            # K simulated data-parallel shares, no parallel phase
     "late10": ["--schedule", "serial:3,parallel:2,serial:5"],   # the parallel phase at a lower learning rate
+    # the 8-epoch cells at K = 4: a parallel phase that reaches every stage (K - 1 = 3 epochs), or none
+    "allserial8": ["--schedule", "serial:8"],             # K simulated data-parallel shares, no parallel phase
+    "par3-e8": ["--schedule", "serial:1,parallel:3,serial:4"],
     "bf16": ["--amp", "bf16"],                                   # mixed precision (issue 15's accuracy check)
     "replicas2": ["--replicas", "2"],                            # K stages x 2 replicas, same global batch (issue 13)
 }

@@ -10,6 +10,9 @@ worker processes (gloo, 1 thread each) and their wall time is real parallel time
     al-s{1,2,4}   K = 2 ranks x 1 thread, AL (Gauss-Seidel order, automatic beta), s = 1, 2, 4
     penalty-s{1,2,4}  the same with the penalty method (beta = 10, gamma = 0.5)
     al-s2-k3      K = 3 ranks (3 processes on 2 cores: its wall time is oversubscribed)
+    al-s2-shift-k{3,4}  K = 3 / 4 stages with shift views and cuts balanced by measured time, all
+                  stages in one process (--transport local, 1 thread: the same parameters as K
+                  processes; its wall time is serial time, not parallel time)
     tail-only     serial:1,idle:P,serial:S: what the serial epochs of SPH buy alone
     al-s2-cycles  al-s2 with augmented serial epochs between parallel ones:
                   serial:1,(parallel:a,serial:1)x3,serial:R
@@ -18,8 +21,9 @@ worker processes (gloo, 1 thread each) and their wall time is real parallel time
     al-s2-shiftflip  --parallel-augment shift_flip: shifted views and mirror images, each
                   mirror image with auxiliary variables of its own (twice the store memory)
 
-SPH runs use the default schedule for E epochs: serial:1,parallel:E-1-S,serial:S with S = E/4
-(--tail S sets another serial tail for them and for tail-only; such runs are named NAME-tailS).
+SPH runs use the library's default schedule for E epochs: serial:1,parallel:E-1-S,serial:S with
+S = 2E/3 (--tail S sets another serial tail for them and for tail-only; such runs are named
+NAME-tailS).
 --seed N (N != 0) names the runs NAME-seedN; "vs serial" compares them with serial-seedN.
 --set KEY=VALUE passes an option to every selected run and names them NAME-KEYVALUE.
 Every epoch is evaluated on the first --test-subset test images (the curves and wall time);
@@ -65,6 +69,11 @@ RUNS: dict[str, list[str]] = {
                            "--parallel-augment", "shift"],  # schedule below
     "al-s2-shiftflip": ["--method", "al", "--stages", "2", "--ds", "2", "--threads", "1",
                         "--parallel-augment", "shift_flip"],
+    # K > 2 on this 2-core machine: the K stages in one process (issue 13; same parameters as K ranks)
+    "al-s2-shift-k3": ["--method", "al", "--stages", "3", "--ds", "2", "--threads", "1",
+                       "--parallel-augment", "shift", "--balance", "time", "--transport", "local"],
+    "al-s2-shift-k4": ["--method", "al", "--stages", "4", "--ds", "2", "--threads", "1",
+                       "--parallel-augment", "shift", "--balance", "time", "--transport", "local"],
 }
 
 
@@ -78,6 +87,13 @@ def cycles_schedule(epochs: int) -> str:
     return f"serial:1,(parallel:{a},serial:1)x3,serial:{rest}"
 
 
+def _default_tail(epochs: int) -> int:
+    """The serial tail of the library's default schedule for ``epochs`` (at least 1)."""
+    from layerpar_fast.config import make_config, parse_schedule
+    phases = parse_schedule(make_config(method="al", epochs=epochs).resolved_schedule())
+    return phases[-1][1] if len(phases) > 1 else max(1, round(epochs / 4))
+
+
 def run_command(name: str, args: argparse.Namespace, out: str) -> list[str]:
     extra = list(RUNS[name])
     common = ["--dataset", args.dataset, "--data-dir", args.data_dir, "--model", args.model,
@@ -85,7 +101,7 @@ def run_command(name: str, args: argparse.Namespace, out: str) -> list[str]:
               "--test-subset", str(args.test_subset), "--no-progress"]
     if args.subset:
         common += ["--subset", str(args.subset)]
-    tail = args.tail if args.tail is not None else max(1, round(args.epochs / 4))
+    tail = args.tail if args.tail is not None else _default_tail(args.epochs)
     if name == "tail-only":
         extra += ["--schedule", f"serial:1,idle:{args.epochs - 1 - tail},serial:{tail}"]
     elif name.startswith("al-s2-cycles"):
@@ -141,8 +157,10 @@ def collect(run_dir: str, cmd: list[str], full: dict[str, Any]) -> dict[str, Any
         "bytes_per_epoch": sum(last.get("bytes_per_cut") or []) or None,
         "bytes_per_epoch_full_resolution": sum(last.get("bytes_per_cut_full_resolution") or []) or None,
         "violation_last_parallel": last.get("violation"),
+        "transport": cfg.get("transport"),
         "per_epoch": [{"epoch": r["epoch"], "phase": r["phase"], "test_acc": r.get("test_acc"),
-                       "wall_time_s": r.get("wall_time_s")} for r in recs],
+                       "wall_time_s": r.get("wall_time_s"), "probe_cosine": r.get("probe_cosine"),
+                       "violation": r.get("violation"), "train_acc": r.get("train_acc")} for r in recs],
     }
 
 
@@ -183,18 +201,46 @@ def write_table(results: dict[str, Any], meta: dict[str, Any], path: str) -> Non
         ref = seeds.get(name.rpartition("-seed")[2]) if "-seed" in name else None
         b = ref["full_test_acc"] if ref else base   # the serial run of the same seed
         gap = f"{100 * (r['full_test_acc'] - b):+.2f}" if b is not None else "-"
-        speed = f"{base_t / r['wall_time_s']:.2f}x" if base_t else "-"
+        local = r.get("transport") == "local" and r["stages"] > 1
+        speed = f"{base_t / r['wall_time_s']:.2f}x" if base_t and not local else "-"
         ds = f"{100 * r['ds_test_acc_last_parallel']:.2f}%" if r.get("ds_test_acc_last_parallel") is not None else "-"
         workers = "1 x 2 threads" if r["stages"] == 1 else f"{r['stages']} x 1 thread"
         if name == "tail-only":
             workers = "1 x 2 threads (idle epochs cost 0 s)"
+        if local:
+            workers = f"{r['stages']} stages in 1 process x 1 thread (serial time)"
         byt = fmt_bytes(r.get("bytes_per_epoch"))
         if r.get("bytes_per_epoch") and r.get("ds", 1) > 1:
             byt += f" ({fmt_bytes(r.get('bytes_per_epoch_full_resolution'))} at s = 1)"
         lines.append(f"| {name} | {workers} | `{r['schedule']}` | {100 * r['full_test_acc']:.2f}% | {gap} | {ds} | "
                      f"{r['wall_time_s'] / 60:.1f} min | {speed} | {fmt_bytes(r.get('aux_memory_bytes'))} | {byt} |")
+    lines += monitor_lines(results)
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def monitor_lines(results: dict[str, Any]) -> list[str]:
+    """Per-stage monitors of the parallel epochs of every run with K > 2 stages: the probe-batch
+    cosine of each stage's local gradient with the true gradient and each cut's drift
+    ‖a − λ̃‖/‖λ̃‖ (docs/method.md), the training accuracy and the test accuracy of each epoch."""
+    out: list[str] = []
+    for name, r in results.items():
+        eps = [e for e in r.get("per_epoch", []) if e.get("phase") == "parallel" and e.get("probe_cosine")]
+        if r.get("stages", 1) <= 2 or not eps:
+            continue
+        k = r["stages"]
+        out += ["", f"Per-stage monitors of `{name}` (parallel epochs; stage 1 = the first):", "",
+                "| epoch | " + " | ".join(f"cos stage {i + 1}" for i in range(k - 1)) + " | "
+                + " | ".join(f"drift cut {i + 1}" for i in range(k - 1)) + " | test acc |",
+                "|---" * (2 * (k - 1) + 2) + "|"]
+        for e in eps:
+            cos = [f"{c:+.2f}" for c in e["probe_cosine"]][:k - 1]
+            drift = [f"{v:.3f}" for v in (e.get("violation") or [])][:k - 1]
+            cos += ["-"] * (k - 1 - len(cos))
+            drift += ["-"] * (k - 1 - len(drift))
+            acc = f"{100 * e['test_acc']:.2f}%" if e.get("test_acc") is not None else "-"
+            out.append(f"| {e['epoch']} | " + " | ".join(cos) + " | " + " | ".join(drift) + f" | {acc} |")
+    return out
 
 
 def main() -> int:
@@ -271,8 +317,9 @@ def main() -> int:
         meta["num_test"] = next(iter(results.values()))["num_test"]
         write_table(results, meta, os.path.join(args.out, "results.md"))
         from layerpar_fast.plot import plot_runs
-        done = list(results)
-        plot_runs([os.path.join(args.out, n) for n in done], os.path.join(args.out, "tta.png"), done)
+        done = [n for n in results if os.path.isfile(os.path.join(args.out, n, "metrics.jsonl"))]
+        if done:
+            plot_runs([os.path.join(args.out, n) for n in done], os.path.join(args.out, "tta.png"), done)
         print(open(os.path.join(args.out, "results.md")).read())
     return 0
 

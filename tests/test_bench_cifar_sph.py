@@ -27,7 +27,7 @@ def test_default_schedules_and_names():
     cmd = cifar_sph.run_command("al-s2-shift", a, "o")
     assert cmd[cmd.index("--epochs") + 1] == "18" and schedule_of(cmd) is None
     assert cmd[cmd.index("--parallel-augment") + 1] == "shift" and cmd[cmd.index("--cuts") + 1] == "4"
-    assert schedule_of(cifar_sph.run_command("tail-only", a, "o")) == "serial:1,idle:13,serial:4"
+    assert schedule_of(cifar_sph.run_command("tail-only", a, "o")) == "serial:1,idle:5,serial:12"  # the default tail
     assert schedule_of(cifar_sph.run_command("al-s2-cycles", a, "o")) == "serial:1,(parallel:3,serial:1)x3,serial:5"
     assert "--cuts" not in cifar_sph.run_command("ddp", a, "o")
 
@@ -76,3 +76,33 @@ def test_set_options_reach_the_command_and_the_name():
     cmd = cifar_sph.run_command("al-s2-shift", a, "o")
     assert cmd[cmd.index("--beta-c") + 1] == "1.0"
     assert cifar_sph.run_key("al-s2", args(set=["aux_dtype=bf16", "window=4"])) == "al-s2-aux_dtypebf16-window4"
+
+
+def test_k3_and_k4_runs_are_local_time_balanced_and_use_the_library_default_tail():
+    a = args(tail=8)
+    for k in (3, 4):
+        cmd = cifar_sph.run_command(f"al-s2-shift-k{k}", a, "o")
+        assert cmd[cmd.index("--stages") + 1] == str(k) and cmd[cmd.index("--transport") + 1] == "local"
+        assert cmd[cmd.index("--balance") + 1] == "time" and "--cuts" not in cmd
+        assert schedule_of(cmd) == "serial:1,parallel:9,serial:8"
+        assert cifar_sph.run_key(f"al-s2-shift-k{k}", a) == f"al-s2-shift-k{k}-tail8"
+    # without --tail the tail-only control uses the library's default tail (2/3 of the epochs)
+    assert schedule_of(cifar_sph.run_command("tail-only", args(), "o")) == "serial:1,idle:5,serial:12"
+
+
+def test_local_k4_rows_say_serial_time_and_list_per_stage_monitors(tmp_path):
+    par = {"phase": "parallel", "test_acc": 0.5, "probe_cosine": [-0.1, 0.2, 0.5], "violation": [0.01, 0.02, 0.3]}
+    results = {"serial": {"schedule": "s", "stages": 1, "ds": 1, "wall_time_s": 60.0, "full_test_acc": 0.80},
+               "al-s2-shift-k4-tail8": {"schedule": "s", "stages": 4, "ds": 2, "wall_time_s": 90.0,
+                                        "full_test_acc": 0.79, "transport": "local",
+                                        "per_epoch": [{"epoch": 1, "phase": "serial", "test_acc": 0.4},
+                                                      {"epoch": 2, **par}]}}
+    meta = {"model": "resnet20", "epochs": 18, "subset": None, "test_subset": 2000, "num_test": 10000,
+            "machine": "m", "command": "c"}
+    cifar_sph.write_table(results, meta, str(tmp_path / "t.md"))
+    text = (tmp_path / "t.md").read_text()
+    row = next(x for x in text.splitlines() if x.startswith("| al-s2-shift-k4-tail8"))
+    assert "4 stages in 1 process x 1 thread (serial time)" in row and "| -1.00 |" in row
+    assert "1.5 min | - |" in row                      # no speed ratio for a one-process simulation
+    assert "Per-stage monitors of `al-s2-shift-k4-tail8`" in text
+    assert "| 2 | -0.10 | +0.20 | +0.50 | 0.010 | 0.020 | 0.300 | 50.00% |" in text
