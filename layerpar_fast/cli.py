@@ -27,7 +27,8 @@ _TRAIN_OPTIONS: dict[str, tuple[Any, str]] = {
     "model": (str, "mnist_resnet, resnet20/32/44/56/110, wrn{depth}_{k} (e.g. wrn16_4, wrn28_10)"),
     "method": (str, f"{', '.join(METHODS)}: serial back-propagation, or SPH with penalty / augmented-Lagrangian local losses"),
     "epochs": (int, "total epochs (serial: serial:N; penalty/al default schedule serial:1,parallel:N-1-S,serial:S "
-                    "with S = N x --tail-share, 2/3; below 5 epochs it has no parallel phase)"),
+                    "with S = N x --tail-share, 2/3; a parallel phase shorter than K-1 epochs, or than 1, is "
+                    "left out: the run is serial; K = 2: N >= 5, K = 4: N >= 11)"),
     "switch_drift": (float, "end a parallel phase early when a stage's drift ||a - lambda||/||lambda|| exceeds this "
                             "(the rest of the phase runs serial; default: off)"),
     "tail_share": (float, "share S/E of the epochs in the default schedule's serial tail (serial:1,parallel:E-1-S,serial:S)"),

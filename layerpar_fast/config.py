@@ -110,11 +110,34 @@ class Config:
         epochs = 3 if self.epochs is None else self.epochs
         if self.method == "serial":
             return f"serial:{epochs}"
-        tail = max(1, round(epochs * self.tail_share))
-        par = epochs - 1 - tail
-        if par < 1:     # too short a budget for a parallel phase at this tail share (the trainer warns)
+        par, tail = self._default_split(epochs)
+        if par < self.min_parallel_epochs():
+            # too short a budget for a parallel phase that reaches every cut (the trainer warns)
             return f"serial:{epochs}"
         return f"serial:1,parallel:{par},serial:{tail}"
+
+    def _default_split(self, epochs: int) -> tuple[int, int]:
+        """(parallel epochs, serial tail) of the default schedule serial:1,parallel:P,serial:S."""
+        tail = max(1, round(epochs * self.tail_share))
+        return epochs - 1 - tail, tail
+
+    def min_parallel_epochs(self) -> int:
+        """The shortest parallel phase the default schedule gives: K − 1 epochs (at least 1).
+
+        A parallel phase starts with zero multipliers, so the back-propagated signal moves one cut
+        per parallel epoch: the last cut's multiplier is set in the phase's first epoch, the first
+        cut's in its (K − 1)-th. In a shorter phase the first stages train on nothing but their
+        proximal term and the phase costs accuracy that data-parallel serial epochs on the same
+        K workers do not (the accuracy matrix, docs/results.md, round 4)."""
+        return max(1, self.stages - 1)
+
+    def min_epochs_for_parallel(self) -> int:
+        """The smallest epoch budget whose default schedule has a parallel phase (at this K and
+        --tail-share)."""
+        e = 3
+        while self._default_split(e)[0] < self.min_parallel_epochs():
+            e += 1
+        return e
 
     def default_schedule_is_serial(self) -> bool:
         """Whether a layer-parallel method's default schedule has no parallel phase (too few epochs)."""

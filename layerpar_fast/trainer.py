@@ -116,9 +116,14 @@ class HybridTrainer(ParallelPhase, SerialPhase, Evaluation, Checkpoints):
             self.log(f"warning: {', '.join(unused)} act only in a parallel phase, and schedule "
                      f"{cfg.resolved_schedule()} has none: they have no effect")
         if cfg.default_schedule_is_serial() and len(self.stages) > 1:
-            self.log(f"warning: {cfg.total_epochs()} epoch(s) leave no parallel phase in the default schedule "
-                     f"(its serial tail takes {cfg.tail_share:.2g} of the epochs, --tail-share): the run is serial "
-                     "back-propagation; give at least 5 epochs or an explicit --schedule for layer-parallel training")
+            k = len(self.stages)
+            self.log(f"warning: {cfg.total_epochs()} epoch(s) leave no parallel phase in the default schedule: "
+                     f"its serial tail takes {cfg.tail_share:.2g} of the epochs (--tail-share) and with K = {k} "
+                     f"stages a parallel phase needs at least {cfg.min_parallel_epochs()} epoch(s) to reach the "
+                     f"first cut; the run is serial back-propagation"
+                     + (f", data-parallel over the {k} workers" if cfg.serial_on == "all" else "")
+                     + f". Give at least {cfg.min_epochs_for_parallel()} epochs, or an explicit --schedule, "
+                     "for layer-parallel training")
         if len(self.stages) == 1 and any(p == "parallel" for p, _ in cfg.phases()):
             self.log("warning: a parallel phase with one stage is plain back-propagation without "
                      "augmentation; use --stages K (K >= 2) for layer-parallel training")

@@ -88,6 +88,26 @@ def test_tail_share_sets_the_default_schedule():
     assert not make_config(method="al", schedule="serial:4").default_schedule_is_serial()
 
 
+def test_the_default_parallel_phase_must_reach_every_cut():
+    """With K stages the default schedule has a parallel phase only if it lasts at least K − 1
+    epochs (the signal moves one cut per parallel epoch); shorter budgets run serial."""
+    for k, first in ((1, 5), (2, 5), (3, 8), (4, 11), (8, 23)):
+        assert make_config(method="al", stages=k, epochs=first).resolved_schedule().startswith("serial:1,parallel:")
+        assert make_config(method="al", stages=k, epochs=first - 1).resolved_schedule() == f"serial:{first - 1}"
+        assert make_config(method="al", stages=k, epochs=8).min_epochs_for_parallel() == first
+    assert make_config(method="al", stages=4, epochs=8).default_schedule_is_serial()
+    assert make_config(method="al", stages=4, epochs=11).resolved_schedule() == "serial:1,parallel:3,serial:7"
+    assert make_config(method="al", stages=4, epochs=12).resolved_schedule() == "serial:1,parallel:3,serial:8"
+    assert make_config(method="al", stages=4, epochs=18).resolved_schedule() == "serial:1,parallel:5,serial:12"
+    assert make_config(method="al", stages=2, epochs=8).resolved_schedule() == "serial:1,parallel:2,serial:5"
+    # a shorter tail leaves room for the phase earlier; an explicit schedule is never changed
+    assert make_config(method="al", stages=4, epochs=8, tail_share=0.25).resolved_schedule() == "serial:1,parallel:5,serial:2"
+    assert make_config(method="al", stages=4, schedule="serial:1,parallel:1,serial:6").resolved_schedule() \
+        == "serial:1,parallel:1,serial:6"
+    # replicas do not change the number of cuts a signal crosses
+    assert make_config(method="al", stages=4, replicas=2, epochs=8).resolved_schedule() == "serial:8"
+
+
 def test_stage_lr_and_mult_init_choices_are_checked():
     assert make_config(method="al", stage_lr="staleness", mult_init="grad").stage_lr == "staleness"
     with pytest.raises(ConfigError, match="--stage-lr 'fast' is not one of uniform, staleness"):

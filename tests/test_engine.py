@@ -391,7 +391,8 @@ def test_too_short_a_budget_warns_that_the_default_schedule_is_serial():
     cfg = make_config(method="al", stages=3, ds=2, batch_size=16, epochs=4, progress=False, augment="none", threads=1)
     tr = HybridTrainer(cfg, None, data=tiny_data(), model=tiny_model(), cuts=[2, 3], log=logs.append)
     assert [p for p, _ in cfg.phases()] == ["serial"]
-    assert any("leave no parallel phase" in m and "--schedule" in m for m in logs)
+    assert any("leave no parallel phase" in m and "--schedule" in m and "Give at least 8 epochs" in m
+               and "data-parallel over the 3 workers" in m for m in logs)
     assert tr.plan and all(p[1] == "serial" for p in tr.plan)
 
 
