@@ -93,6 +93,9 @@ VARIANTS: dict[str, list[str]] = {
     # the 8-epoch cells at K = 4: a parallel phase that reaches every stage (K - 1 = 3 epochs), or none
     "allserial8": ["--schedule", "serial:8"],             # K simulated data-parallel shares, no parallel phase
     "par3-e8": ["--schedule", "serial:1,parallel:3,serial:4"],
+    # a stronger proximal weight against the drift of a stage's first epoch with a signal (lr·β·κ = c)
+    "betac12": ["--beta-c", "1.2"],
+    "betac18": ["--beta-c", "1.8"],
     "bf16": ["--amp", "bf16"],                                   # mixed precision (issue 15's accuracy check)
     "replicas2": ["--replicas", "2"],                            # K stages x 2 replicas, same global batch (issue 13)
 }

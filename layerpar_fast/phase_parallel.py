@@ -284,9 +284,11 @@ class ParallelPhase:
             with torch.no_grad(), frozen_bn_stats(stage):
                 z = self.filt.up(self.filt.down(stage(z)))
         kappas, betas, caps = self._share_phase_constants(kappas, betas, caps, lr_now)
+        automatic = cfg.beta is None and cfg.method == "al" and cfg.al_order == "gs"
         for k, (kap, beta, cap) in enumerate(zip(kappas, betas, caps)):
-            if cap < lr_now:
-                self.log(f"warning: stage {k}: lr {lr_now:.4g} x beta {beta:.4g} x kappa {kap:.4g} = "
+            if cap < lr_now:     # expected with the automatic beta when --beta-c > 1: said, not warned
+                self.log(("" if automatic else "warning: ")
+                         + f"stage {k}: lr {lr_now:.4g} x beta {beta:.4g} x kappa {kap:.4g} = "
                          f"{lr_now * beta * kap:.3g} > 1; capping this stage's lr at {cap:.4g} (docs/method.md §3)")
         self.phase_state = PhaseState(pidx, kappas, betas, caps)
         self.log("parallel phase: " + ", ".join(
