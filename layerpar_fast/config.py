@@ -74,7 +74,7 @@ class Config:
     ds: int = 1
     filter: str = "avg_nearest"
     beta: float | None = None
-    beta_c: float = 1.2
+    beta_c: float = 0.6
     gamma: float = 0.5
     al_order: str = "gs"
     mult_init: str = "zero"

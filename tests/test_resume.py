@@ -95,8 +95,8 @@ def _resume(run, k=2, **kw):
     ({"method": "penalty"}, 2, r"--method penalty differs from the checkpoint's --method al; resume with --method al"),
     ({"ds": 1}, 2, r"--ds 1 differs from the checkpoint's --ds 2; resume with --ds 2"),
     ({"al_order": "jacobi"}, 2, r"--al-order jacobi differs from the checkpoint's --al-order gs"),
-    ({"beta": 5.0}, 2, r"beta rule --beta 5.0 differs from the checkpoint's --beta-c 1.2 .*; resume with --beta-c 1.2"),
-    ({"beta_c": 0.3}, 2, r"beta rule --beta-c 0.3 .* differs from the checkpoint's --beta-c 1.2"),
+    ({"beta": 5.0}, 2, r"beta rule --beta 5.0 differs from the checkpoint's --beta-c 0.6 .*; resume with --beta-c 0.6"),
+    ({"beta_c": 0.3}, 2, r"beta rule --beta-c 0.3 .* differs from the checkpoint's --beta-c 0.6"),
     ({}, 3, r"--stages 3 differs from the checkpoint's --stages 2; resume with --stages 2"),
 ])
 def test_resume_refuses_a_changed_training_configuration(finished_run, kw, k, msg):
