@@ -60,9 +60,10 @@ _TRAIN_OPTIONS: dict[str, tuple[Any, str]] = {
     "mult_init": (str, "multipliers at the start of a parallel phase: grad (one back-propagation pass over the "
                        "data sets them to the true signal) or zero"),
     "window": (int, "W: how many steps a stage may run ahead of its neighbours' messages"),
-    "parallel_augment": (str, "none | shift | shift_flip: train the parallel phase on randomly shifted views, the "
+    "parallel_augment": (str, "auto | none | shift | shift_flip: train the parallel phase on randomly shifted views, the "
                               "auxiliary variables shifted with them (multiples of the cuts' coarse stride); "
-                              "shift_flip adds mirror images with auxiliary variables of their own (2x memory)"),
+                              "shift_flip adds mirror images with auxiliary variables of their own (2x memory); "
+                              "auto: shift when the serial epochs augment and the cuts allow it, else none"),
     "aux_dtype": (str, f"storage dtype of the auxiliary variables: {', '.join(AUX_DTYPES)}"),
     "aux_device": (str, "where the auxiliary stores live: device (the compute device), host (pinned host memory, "
                         "rows prefetched to the device batch by batch), auto (host when the stores would take "

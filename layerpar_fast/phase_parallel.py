@@ -135,6 +135,22 @@ class ParallelPhase:
         self.aux_where = where
         return stores
 
+    def _parallel_views(self) -> ShiftAugment | None:
+        """The parallel phase's shift views: always for shift / shift_flip (or a ConfigError); for
+        ``auto`` whenever the serial epochs augment and the cuts allow it, else none (said)."""
+        if self.cfg.parallel_augment != "auto":
+            return self._shift_augment()
+        if self.aug is None:
+            return None           # no augmentation: the parallel phase trains on the images as they are
+        try:
+            views = self._shift_augment()
+        except ConfigError as e:
+            self.log(f"parallel phase without shift views (--parallel-augment auto): {e}")
+            return None
+        self.log(f"parallel phase on shifted views (--parallel-augment auto, as the serial epochs use "
+                 f"{self.aug}; --parallel-augment none turns them off)")
+        return views
+
     def _shift_augment(self) -> ShiftAugment | None:
         """The parallel phase's shift views (paraug.py), or a ConfigError when they cannot work."""
         ds, cfg = self.data, self.cfg

@@ -135,7 +135,7 @@ class HybridTrainer(ParallelPhase, SerialPhase, Evaluation, Checkpoints):
         self.total_steps = self.total_epochs * self.steps_per_epoch
         self.aug = _augment_kind(cfg.augment, ds)
         has_par = any(p == "parallel" for p, _ in cfg.phases())
-        self.shift_aug = self._shift_augment() if cfg.parallel_augment != "none" and has_par else None
+        self.shift_aug = self._parallel_views() if cfg.parallel_augment != "none" and has_par else None
         self.flip_views = self._flip_views() if cfg.parallel_augment == "shift_flip" and has_par else None
         self.train_loader = BatchLoader(ds.x_train, ds.y_train, cfg.batch_size, ds.mean, ds.std,
                                         shuffle=True, augment=self.aug, seed=cfg.seed, device=self.device,

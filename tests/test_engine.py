@@ -35,10 +35,11 @@ def trainer(tmp_path=None, cuts=(2, 3), size=8, **kw):
     base = dict(method="al", stages=len(cuts) + 1, ds=2, batch_size=16, eval_batch_size=16, lr=0.05,
                 schedule="parallel:2", progress=False, kappa_iters=3, bn_recalib_batches=2, augment="none",
                 threads=1)
+    log = kw.pop("log", lambda m: None)
     base.update(kw)
     cfg = make_config(**base)
     return HybridTrainer(cfg, None if tmp_path is None else str(tmp_path), data=tiny_data(size=size),
-                         model=tiny_model(), cuts=list(cuts), log=lambda m: None)
+                         model=tiny_model(), cuts=list(cuts), log=log)
 
 
 def params(model):

@@ -246,3 +246,23 @@ def test_mirror_views_need_a_flipping_augmentation():
         trainer(augment="shift", parallel_augment="shift_flip", cuts=(2,), ds=1)
     with pytest.raises(ConfigError, match="--parallel-augment shift_flip .*--augment is none"):
         trainer(augment="none", parallel_augment="shift_flip")
+
+
+def test_auto_views_follow_the_serial_augmentation():
+    """--parallel-augment auto: shift views when the serial epochs augment and the cuts allow it
+    (the same training as an explicit shift), none without augmentation, none (said) when the
+    cuts' coarse grids cannot move within the augmentation's range."""
+    logs = []
+    auto = trainer(augment="crop_flip", parallel_augment="auto", log=logs.append)
+    assert auto.shift_aug is not None and any("parallel phase on shifted views" in m for m in logs)
+    auto.run()
+    explicit = _shift_trainer()
+    explicit.run()
+    assert_same(params(auto.model), params(explicit.model))
+    assert trainer(augment="none", parallel_augment="auto").shift_aug is None
+    logs.clear()
+    coarse = trainer(augment="crop_flip", parallel_augment="auto", ds=8, cuts=(2,), log=logs.append)
+    assert coarse.shift_aug is None
+    assert any("without shift views" in m and "steps of 8 px" in m for m in logs)
+    with pytest.raises(ConfigError, match="steps of 8 px"):      # asked for explicitly: refused
+        _shift_trainer(ds=8, cuts=(2,))
