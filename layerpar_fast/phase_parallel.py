@@ -145,7 +145,8 @@ class ParallelPhase:
         try:
             views = self._shift_augment()
         except ConfigError as e:
-            self.log(f"parallel phase without shift views (--parallel-augment auto): {e}")
+            why = str(e).split(": ", 1)[1] if str(e).startswith("--parallel-augment") else str(e)
+            self.log(f"parallel phase without shift views (--parallel-augment auto): {why}")
             return None
         self.log(f"parallel phase on shifted views (--parallel-augment auto, as the serial epochs use "
                  f"{self.aug}; --parallel-augment none turns them off)")
