@@ -105,6 +105,10 @@ class HybridTrainer(ParallelPhase, SerialPhase, Evaluation, Checkpoints):
         if cuts is None:
             cuts = parse_cuts(cfg.cuts, staged, k, self.input_shape, balance=cfg.balance) if k > 1 else []
         self.cuts = list(cuts)
+        if cfg.cuts is None and k > 1 and cfg.balance == "time":
+            # measured cuts vary from one measurement to the next: keep the ones chosen, so that
+            # config.json (and so --resume) names them instead of measuring again
+            cfg.cuts = ",".join(str(c) for c in self.cuts)
         self.stages = split_model(self.model, self.cuts) if self.cuts else [self.model]
         shapes = {c.index: c.shape for c in cut_points(self.model, self.input_shape)}
         self.cut_shapes = [shapes[c] for c in self.cuts]

@@ -126,3 +126,23 @@ def test_cli_resume_may_change_transport_and_device_only(tmp_path):
         args = cli._build_parser().parse_args(["train", "--resume", str(run), *changed])
         with pytest.raises(ConfigError, match="cannot change on --resume"):
             cli._train_config(args)
+
+
+def test_time_balanced_cuts_are_written_down_and_resumed(tmp_path, monkeypatch):
+    """--balance time measures the cuts, and measurements vary: the chosen cuts go into
+    config.json, so --resume rebuilds the same stages instead of measuring again."""
+    from layerpar_fast import trainer as trmod
+    from layerpar_fast.config import make_config, read_run_config
+    from layerpar_fast.trainer import HybridTrainer
+    run = tmp_path / "run"
+    cfg = T.tiny_config(3, transport="local", schedule="serial:1,parallel:1", balance="time", checkpoint_every=1)
+    first = HybridTrainer(cfg, str(run), data=T.tiny_data(), model=T.tiny_model(), log=lambda m: None)
+    first.run()
+    saved = read_run_config(str(run), "checkpoint.pt", "--resume")
+    assert saved["cuts"] == ",".join(str(c) for c in first.cuts)
+    real = trmod.parse_cuts
+    other = [c for c in ([1, 3], [1, 2], [2, 3]) if c != first.cuts][0]
+    monkeypatch.setattr(trmod, "parse_cuts", lambda spec, *a, **kw: other if spec is None else real(spec, *a, **kw))
+    again = HybridTrainer(make_config(saved), str(run), data=T.tiny_data(), model=T.tiny_model(),
+                          log=lambda m: None, resume=True)
+    assert again.cuts == first.cuts
