@@ -90,6 +90,7 @@ VARIANTS: dict[str, list[str]] = {
     # controls and placements for the 10-epoch CIFAR-10 cell (explicit schedules, E = 10)
     "allserial10": ["--schedule", "serial:10"],            # K simulated data-parallel shares, no parallel phase
     "late10": ["--schedule", "serial:3,parallel:2,serial:5"],   # the parallel phase at a lower learning rate
+    "late8": ["--schedule", "serial:2,parallel:2,serial:4"],    # the same placement in an 8-epoch budget
     # the 8-epoch cells at K = 4: a parallel phase that reaches every stage (K - 1 = 3 epochs), or none
     "allserial8": ["--schedule", "serial:8"],             # K simulated data-parallel shares, no parallel phase
     "par3-e8": ["--schedule", "serial:1,parallel:3,serial:4"],
