@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import peers_lib as P  # noqa: E402
 from peers_lib import UsageError  # noqa: E402
 from bench_parallel_epoch import _load  # noqa: E402  (the machine load beside each timing)
+from layerpar_fast.config import PARALLEL_AUGMENTS  # noqa: E402
 
 PROG = "bench_peers"
 _CHILDREN: list[subprocess.Popen] = []
@@ -538,7 +539,8 @@ def _tta_worker(cfg: Any, opts: dict[str, Any]) -> dict[str, Any]:
             pts = []
             for r in tr.records:
                 ev += r.get("eval_time_s", 0.0)
-                pts.append({"epoch": r["epoch"], "wall_s": r["wall_time_s"] - ev, "test_acc": r["test_acc"]})
+                pts.append({"epoch": r["epoch"], "wall_s": r["wall_time_s"] - ev, "test_acc": r["test_acc"],
+                            "phase": r.get("phase", "serial")})
             curves["sph"] = pts
             tr.close()
             continue
@@ -574,6 +576,55 @@ def _tta_worker(cfg: Any, opts: dict[str, Any]) -> dict[str, Any]:
     return {"curves": curves}
 
 
+def compose_curves(curves: dict[str, list[dict[str, Any]]], rows: list[dict[str, Any]], link: str, *,
+                   model: str, pipeline: str, s: int) -> dict[str, list[dict[str, Any]]]:
+    """Time-to-accuracy curves on ``link`` composed from curves measured on the unlimited link.
+
+    The accuracy after each epoch does not depend on the link (the same arithmetic on every link);
+    only the time does. Each epoch's measured duration is multiplied by the ratio of that method's
+    epoch time on ``link`` to its epoch time on the unlimited link, both from the same `epoch`
+    table (``rows``): serial1 by serial1's, ddp by ddp's, the pipelining schedule by the same
+    schedule and micro-batch count, SPH's parallel epochs by ``sph`` at the same s and its serial
+    epochs (data-parallel) by ddp's."""
+    def epoch_s(variant: str, lk: str) -> float:
+        for r in rows:
+            if r["model"] == model and r["link"] == lk and r["variant"] == variant:
+                return float(r["epoch_s"])
+        raise UsageError(f"--epoch-json has no {model} / {variant} row on link {lk!r}: measure it with "
+                         f"`bench_peers.py epoch --models {model} --links unlimited,{link}`")
+
+    def factor(variant: str) -> float:
+        return epoch_s(variant, link) / epoch_s(variant, "unlimited")
+
+    kind, _, m = pipeline.partition(":")
+    out: dict[str, list[dict[str, Any]]] = {}
+    for meth, pts in curves.items():
+        wall, prev, new_pts = 0.0, 0.0, []
+        for p in pts:
+            if meth == "sph":
+                f = factor(f"sph:s{s}") if p.get("phase") == "parallel" else factor("ddp")
+            elif meth.startswith(("gpipe", "1f1b")):
+                f = factor(f"{kind}:m{m}")
+            else:
+                f = factor(meth)
+            wall += (p["wall_s"] - prev) * f
+            prev = p["wall_s"]
+            new_pts.append({**p, "wall_s": wall})
+        out[meth] = new_pts
+    return out
+
+
+def _tta_lines(title: str, curves: dict[str, list[dict[str, Any]]]) -> list[str]:
+    best = max(max(p["test_acc"] for p in pts) for pts in curves.values())
+    lines = [title, "", "| method | final test acc | best test acc | wall-clock (s) | time to 95% of the best "
+             "method's best accuracy (s) |", "|---|---|---|---|---|"]
+    for meth, pts in curves.items():
+        reach = next((p["wall_s"] for p in pts if p["test_acc"] >= 0.95 * best), None)
+        lines.append(f"| {meth} | {100 * pts[-1]['test_acc']:.2f}% | {100 * max(p['test_acc'] for p in pts):.2f}% | "
+                     f"{pts[-1]['wall_s']:.1f} | {'-' if reach is None else f'{reach:.1f}'} |")
+    return lines
+
+
 def cmd_tta(args: argparse.Namespace) -> int:
     ser, par = _phase_counts(args.sph_schedule)
     if ser + par != args.epochs:
@@ -581,47 +632,104 @@ def cmd_tta(args: argparse.Namespace) -> int:
     kind, _, m = args.pipeline.partition(":")
     if kind not in P.PIPELINES or not m.isdigit() or args.batch_size % int(m):
         raise UsageError(f"--pipeline must be gpipe:M or 1f1b:M with M dividing the batch, got {args.pipeline!r}")
+    if args.parallel_augment not in PARALLEL_AUGMENTS:
+        raise UsageError(f"--parallel-augment must be one of {', '.join(PARALLEL_AUGMENTS)}")
+    link = P.parse_links(args.link)
+    if len(link) != 1:
+        raise UsageError(f"--link takes one link, got {args.link!r}")
+    link = link[0]
+    compose = None
+    if args.compose_link:
+        if not args.epoch_json:
+            raise UsageError("--compose-link needs --epoch-json (the `epoch` table with that link and unlimited)")
+        if not link.unlimited:
+            raise UsageError("--compose-link composes from curves measured on the unlimited link (--link unlimited)")
+        compose = P.parse_links(args.compose_link)
+        if len(compose) != 1 or compose[0].unlimited:
+            raise UsageError(f"--compose-link takes one rate-limited link, got {args.compose_link!r}")
+        try:
+            with open(args.epoch_json) as f:
+                epoch_rows = json.load(f)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--epoch-json {args.epoch_json}: {e}") from None
+        epoch_rows = epoch_rows["rows"] if isinstance(epoch_rows, dict) else epoch_rows
+        for v in ("serial1", "ddp", f"{kind}:m{m}", f"sph:s{args.s}"):
+            for lk in ("unlimited", compose[0].spec):
+                if not any(r["model"] == args.model and r["link"] == lk and r["variant"] == v for r in epoch_rows):
+                    raise UsageError(f"--epoch-json has no {args.model} / {v} row on link {lk!r}: measure it with "
+                                     f"`bench_peers.py epoch --models {args.model} --links unlimited,{compose[0].spec}`")
+    if not link.unlimited:
+        try:
+            P.probe_link(link)
+        except P.LinkSkip as e:
+            print(f"{PROG}: skip: {e}", file=sys.stderr)
+            return 3
     methods = ["serial1", "ddp", f"{kind}:m{m}", "sph"]
+    if args.model not in _available_models():
+        raise UsageError(f"unknown model {args.model!r}")
     _check_data(args)
     job = {"dataset": args.dataset, "data_dir": args.data_dir, "subset": args.subset, "model": args.model,
            "batch_size": args.batch_size, "balance": args.balance, "cuts": args.cuts, "timeout_s": args.timeout_s,
-           "mode": "tta", "schedule": args.sph_schedule, "test_subset": args.test_subset, "kappa_iters": 20,
-           "bn_recalib_batches": args.bn_recalib_batches, "ds": args.s, "tta": {"methods": methods, "s": args.s}}
-    if args.model not in _available_models():
-        raise UsageError(f"unknown model {args.model!r}")
-    rc, raw, err = run_link(job, P.Link("unlimited"), args.timeout_s)
+           "mode": "tta", "schedule": args.sph_schedule, "test_subset": args.test_subset,
+           "kappa_iters": args.kappa_iters, "bn_recalib_batches": args.bn_recalib_batches, "ds": args.s,
+           "config": {"parallel_augment": args.parallel_augment}, "tta": {"methods": methods, "s": args.s}}
+    print(f"{PROG}: time to accuracy, {args.model}, link {link.spec}: {', '.join(methods)}, {args.epochs} epochs each",
+          flush=True)
+    rc, raw, err = run_link(job, link, args.timeout_s)
+    if rc == 3 and "skip:" in err:
+        print(err.strip().splitlines()[-1], file=sys.stderr)
+        return 3
     if rc != 0 or raw is None:
         sys.stderr.write(err)
         print(f"{PROG}: error: the time-to-accuracy launch failed (status {rc})", file=sys.stderr)
         return 2 if rc == 2 else 1
-    curves = raw["curves"]
-    lines = [f"# Time to accuracy: {args.model}, {args.dataset} ({args.subset or 'all'} images), {args.epochs} epochs, "
-             "K = 2 x 1 thread", "",
-             f"SPH schedule {args.sph_schedule} at s = {args.s}; pipelining {args.pipeline} (BatchNorm on "
-             "micro-batches); wall-clock = training only (evaluation excluded).", "",
-             "| method | final test acc | best test acc | wall-clock (s) |", "|---|---|---|---|"]
-    for meth, pts in curves.items():
-        lines.append(f"| {meth} | {100 * pts[-1]['test_acc']:.2f}% | {100 * max(p['test_acc'] for p in pts):.2f}% | "
-                     f"{pts[-1]['wall_s']:.1f} |")
+    curves = {link.spec: raw["curves"]}
+    if compose:
+        curves[compose[0].spec] = compose_curves(raw["curves"], epoch_rows, compose[0].spec, model=args.model,
+                                                 pipeline=args.pipeline, s=args.s)
+    head = [f"# Time to accuracy: {args.model}, {args.dataset} ({args.subset or 'all'} images), {args.epochs} epochs, "
+            "K = 2 x 1 thread", "",
+            f"SPH schedule {args.sph_schedule} at s = {args.s}, parallel-phase views: {args.parallel_augment}; "
+            f"pipelining {args.pipeline} (BatchNorm on micro-batches); every method from the same initial weights; "
+            "wall-clock = training only (evaluation excluded).", "",
+            f"Command: `python {' '.join(sys.argv)}`"]
+    if compose:
+        head += ["", f"The {compose[0].spec} curves are composed, not measured: each epoch's measured time on the "
+                 f"unlimited link times the ratio of that method's epoch time on {compose[0].spec} to unlimited in "
+                 f"{args.epoch_json} (SPH: parallel epochs by sph s = {args.s}, serial epochs by ddp); the accuracy "
+                 "after each epoch does not depend on the link."]
+    lines = list(head)
+    for lk, cv in curves.items():
+        lines += [""] + _tta_lines(f"## link {lk}" + (" (composed)" if compose and lk == compose[0].spec else ""), cv)
     text = "\n".join(lines) + "\n"
     print(text)
-    _write(args, {"curves": curves, "environment": raw.get("environment"), "command": "python " + " ".join(sys.argv)},
-           text)
+    _write(args, {"curves": curves, "environment": raw.get("environment"), "command": "python " + " ".join(sys.argv),
+                  "composed": [compose[0].spec] if compose else []}, text)
     if args.png:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for meth, pts in curves.items():
-            ax.plot([p["wall_s"] for p in pts], [100 * p["test_acc"] for p in pts], marker="o", label=meth)
-        ax.set_xlabel("training wall-clock (s)")
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_title(f"{args.model}, {args.epochs} epochs, K = 2 x 1 thread")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(args.png, dpi=120)
-        plt.close(fig)
+        write_tta_png(curves, args.png, title=f"{args.model}, {args.dataset} ({args.subset or 'all'} images), "
+                      f"{args.epochs} epochs, K = 2 x 1 thread", composed=[c.spec for c in compose or []])
     return 0
+
+
+def write_tta_png(curves: dict[str, dict[str, list[dict[str, Any]]]], path: str, *, title: str,
+                  composed: list[str]) -> None:
+    """Test accuracy against training wall-clock, one panel per link."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(curves), figsize=(6 * len(curves), 4.2), squeeze=False, sharey=True)
+    for ax, (lk, cv) in zip(axes[0], curves.items()):
+        for meth, pts in cv.items():
+            ax.plot([p["wall_s"] for p in pts], [100 * p["test_acc"] for p in pts], marker="o", ms=3, label=meth)
+        ax.set_xlabel("training wall-clock (s)")
+        ax.set_title(f"link {lk}" + (" (composed from the epoch table)" if lk in composed else ""), fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test accuracy (%)")
+    axes[0][0].legend()
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------ main
@@ -666,6 +774,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--pipeline", default="1f1b:4", help="the best schedule of the epoch table, e.g. gpipe:4")
     t.add_argument("--test-subset", type=int, default=None)
     t.add_argument("--bn-recalib-batches", type=int, default=20)
+    t.add_argument("--kappa-iters", type=int, default=20)
+    t.add_argument("--parallel-augment", default="auto", help="SPH's parallel-phase views (auto: shift views where the serial epochs augment, as on CIFAR-10)")
+    t.add_argument("--link", default="unlimited", help="the link the four runs are measured on")
+    t.add_argument("--compose-link", help="also the curves on this rate-limited link, composed from the "
+                   "measured ones and --epoch-json's epoch times on that link and unlimited")
+    t.add_argument("--epoch-json", help="an `epoch` table (json) with the --compose-link and unlimited rows")
     return p
 
 

@@ -166,3 +166,68 @@ def test_epoch_harness_tiny(tmp_path) -> None:
         assert x["epoch_s"] > 0 and x["images_per_s"] > 0
         if x["method"] != "serial1":
             assert x["bytes_check"] == pytest.approx(1.0, rel=1e-6), x
+
+
+def _row(variant: str, link: str, epoch_s: float) -> dict:
+    return {"model": "resnet20", "variant": variant, "link": link, "epoch_s": epoch_s}
+
+
+def test_compose_curves_scales_each_epoch_by_its_method() -> None:
+    """A composed slow-link curve keeps every accuracy and multiplies each epoch's duration by the
+    epoch table's slow/unlimited ratio of the method that ran it (SPH: by phase)."""
+    from bench_peers import compose_curves
+    rows = [_row("serial1", "unlimited", 10), _row("serial1", "50mbit", 10),
+            _row("ddp", "unlimited", 5), _row("ddp", "50mbit", 10),
+            _row("1f1b:m4", "unlimited", 6), _row("1f1b:m4", "50mbit", 18),
+            _row("sph:s2", "unlimited", 5), _row("sph:s2", "50mbit", 6)]
+    curves = {"serial1": [{"epoch": 1, "wall_s": 10.0, "test_acc": 0.3}, {"epoch": 2, "wall_s": 20.0, "test_acc": 0.4}],
+              "ddp": [{"epoch": 1, "wall_s": 5.0, "test_acc": 0.3}, {"epoch": 2, "wall_s": 11.0, "test_acc": 0.41}],
+              "1f1b:m4": [{"epoch": 1, "wall_s": 6.0, "test_acc": 0.2}],
+              "sph": [{"epoch": 1, "wall_s": 5.0, "test_acc": 0.3, "phase": "serial"},
+                      {"epoch": 2, "wall_s": 10.0, "test_acc": 0.35, "phase": "parallel"},
+                      {"epoch": 3, "wall_s": 16.0, "test_acc": 0.5, "phase": "serial"}]}
+    out = compose_curves(curves, rows, "50mbit", model="resnet20", pipeline="1f1b:4", s=2)
+    assert [p["wall_s"] for p in out["serial1"]] == [10.0, 20.0]
+    assert [p["wall_s"] for p in out["ddp"]] == [10.0, 22.0]
+    assert [p["wall_s"] for p in out["1f1b:m4"]] == [18.0]
+    assert out["sph"][0]["wall_s"] == pytest.approx(10.0)           # serial epoch x ddp's 2.0
+    assert out["sph"][1]["wall_s"] == pytest.approx(10.0 + 5 * 1.2)  # parallel epoch x sph's 1.2
+    assert out["sph"][2]["wall_s"] == pytest.approx(16.0 + 6 * 2.0)
+    assert [p["test_acc"] for p in out["sph"]] == [0.3, 0.35, 0.5]
+    with pytest.raises(P.UsageError, match="no resnet20 / sph:s4 row"):
+        compose_curves(curves, rows, "50mbit", model="resnet20", pipeline="1f1b:4", s=4)
+
+
+def test_tta_compose_needs_the_rows_before_training(tmp_path) -> None:
+    """--compose-link without --epoch-json, or with a table that lacks a needed row: one line, exit 2,
+    before any training starts."""
+    r = _cli("tta", "--compose-link", "50mbit", timeout=60)
+    assert r.returncode == 2 and "needs --epoch-json" in r.stderr, r.stderr
+    table = tmp_path / "t.json"
+    table.write_text(json.dumps([_row("serial1", "unlimited", 10)]))
+    r = _cli("tta", "--compose-link", "50mbit", "--epoch-json", str(table), timeout=60)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "no resnet20 / serial1 row on link '50mbit'" in lines[0], r.stderr
+
+
+def test_tta_tiny(tmp_path) -> None:
+    """The whole `tta` command on a tiny model: four curves from the same start, one point per
+    epoch, SPH's points carry their phase, and the table and plot are written."""
+    data = os.environ.get("LAYERPAR_DATA_DIR", os.path.join(ROOT, "..", "shared", "data"))
+    if not os.path.exists(os.path.join(data, "mnist.npz")):
+        pytest.skip(f"no MNIST at {data}")
+    out, md, png = tmp_path / "t.json", tmp_path / "t.md", tmp_path / "t.png"
+    r = _cli("tta", "--dataset", "mnist", "--data-dir", data, "--subset", "64", "--batch-size", "32",
+             "--model", "mnist_resnet", "--epochs", "2", "--sph-schedule", "serial:1,parallel:1",
+             "--pipeline", "gpipe:2", "--kappa-iters", "1", "--test-subset", "100", "--bn-recalib-batches", "1",
+             "--timeout-s", "150", "--out", str(out), "--md", str(md), "--png", str(png), timeout=200)
+    if r.returncode != 0:
+        pytest.fail(r.stderr[-3000:])
+    obj = json.loads(out.read_text())
+    curves = obj["curves"]["unlimited"]
+    assert set(curves) == {"serial1", "ddp", "gpipe:m2", "sph"}
+    for pts in curves.values():
+        assert [p["epoch"] for p in pts] == [1, 2]
+        assert 0 < pts[0]["wall_s"] < pts[1]["wall_s"] and all(0 <= p["test_acc"] <= 1 for p in pts)
+    assert [p["phase"] for p in curves["sph"]] == ["serial", "parallel"]
+    assert "## link unlimited" in md.read_text() and png.stat().st_size > 0
