@@ -32,6 +32,9 @@ _TRAIN_OPTIONS: dict[str, tuple[Any, str]] = {
     "switch_drift": (float, "end a parallel phase early when a stage's drift ||a - lambda||/||lambda|| exceeds this "
                             "(the rest of the phase runs serial; default: off)"),
     "tail_share": (float, "share S/E of the epochs in the default schedule's serial tail (serial:1,parallel:E-1-S,serial:S)"),
+    "warm_share": (float, "share of the epochs in the default schedule's serial warm start: W = round(E x share), "
+                          "at least 1 (0: one epoch); the parallel phase keeps its E-1-S epochs and the tail gives "
+                          "up W-1 (serial:W,parallel:E-1-S,serial:S+1-W)"),
     "schedule": (str, "phases, e.g. serial:1,parallel:5,serial:2 or (parallel:2,serial:1)x3"),
     "batch_size": (int, "mini-batch size (the global batch size of every phase)"),
     "eval_batch_size": (int, "evaluation batch size"),
@@ -99,7 +102,7 @@ _GROUPS = {
     "method": ("method", "stages", "replicas", "cuts", "balance", "ds", "filter", "beta", "beta_c", "gamma", "al_order",
                "mult_init", "stage_lr", "window", "parallel_augment", "aux_dtype", "aux_device", "kappa_iters",
                "bn_recalib_batches"),
-    "schedule and optimisation": ("epochs", "schedule", "tail_share", "switch_drift", "batch_size", "eval_batch_size",
+    "schedule and optimisation": ("epochs", "schedule", "tail_share", "warm_share", "switch_drift", "batch_size", "eval_batch_size",
                                   "lr", "lr_schedule", "milestones", "lr_decay", "warmup_epochs", "momentum",
                                   "nesterov", "weight_decay", "wd_bn", "label_smoothing", "seed"),
     "distributed and devices": ("transport", "serial_on", "serial_bn", "timeout_s", "threads", "device"),

@@ -52,6 +52,7 @@ class Config:
     epochs: int | None = None
     schedule: str | None = None
     tail_share: float = 2 / 3
+    warm_share: float = 0.0
     switch_drift: float | None = None
     # optimisation
     batch_size: int = 128
@@ -110,16 +111,23 @@ class Config:
         epochs = 3 if self.epochs is None else self.epochs
         if self.method == "serial":
             return f"serial:{epochs}"
-        par, tail = self._default_split(epochs)
+        warm, par, tail = self._default_split(epochs)
         if par < self.min_parallel_epochs():
             # too short a budget for a parallel phase that reaches every cut (the trainer warns)
             return f"serial:{epochs}"
-        return f"serial:1,parallel:{par},serial:{tail}"
+        return f"serial:{warm},parallel:{par},serial:{tail}"
 
-    def _default_split(self, epochs: int) -> tuple[int, int]:
-        """(parallel epochs, serial tail) of the default schedule serial:1,parallel:P,serial:S."""
-        tail = max(1, round(epochs * self.tail_share))
-        return epochs - 1 - tail, tail
+    def _default_split(self, epochs: int) -> tuple[int, int, int]:
+        """(serial warm start W, parallel epochs P, serial tail T) of the default schedule
+        serial:W,parallel:P,serial:T.
+
+        P = E − 1 − round(E · tail_share) whatever the warm start; W = round(E · warm_share), at
+        least 1 and at most round(E · tail_share), so that the tail keeps at least one epoch; the
+        tail gets the rest, T = E − W − P. With warm_share 0 this is serial:1,parallel:P,serial:S."""
+        serial = max(1, round(epochs * self.tail_share))
+        par = epochs - 1 - serial
+        warm = min(max(1, round(epochs * self.warm_share)), serial)
+        return warm, par, epochs - warm - par
 
     def min_parallel_epochs(self) -> int:
         """The shortest parallel phase the default schedule gives: K − 1 epochs (at least 1).
@@ -135,7 +143,7 @@ class Config:
         """The smallest epoch budget whose default schedule has a parallel phase (at this K and
         --tail-share)."""
         e = 3
-        while self._default_split(e)[0] < self.min_parallel_epochs():
+        while self._default_split(e)[1] < self.min_parallel_epochs():
             e += 1
         return e
 
@@ -179,6 +187,7 @@ class Config:
         need(self.switch_drift is None or self.switch_drift > 0,
              f"--switch-drift must be > 0, got {self.switch_drift}")
         need(0 < self.tail_share < 1, f"--tail-share must be in (0, 1), got {self.tail_share}")
+        need(0 <= self.warm_share < 1, f"--warm-share must be in [0, 1), got {self.warm_share}")
         need(self.epochs is None or self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
         need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         need(self.eval_batch_size >= 1, f"--eval-batch-size must be >= 1, got {self.eval_batch_size}")

@@ -125,3 +125,23 @@ def test_type_errors_speak_plain_words_and_unused_options_are_listed():
     assert ignored_options(make_config(method="serial", parallel_augment="shift", mult_init="grad")) == \
         ["--parallel-augment", "--mult-init"]
     assert ignored_options(make_config(method="al", stages=2, epochs=8, parallel_augment="shift")) == []
+
+
+def test_warm_share_moves_the_parallel_phase_later():
+    """--warm-share lengthens the serial warm start at the tail's expense; the parallel phase keeps
+    its length (and so its share of the budget and the budgets that have one)."""
+    def sched(**kw):
+        return make_config(method="al", **kw).resolved_schedule()
+    assert sched(epochs=10, stages=2, warm_share=0.3) == "serial:3,parallel:2,serial:5"
+    assert sched(epochs=8, stages=2, warm_share=0.3) == "serial:2,parallel:2,serial:4"
+    assert sched(epochs=18, stages=2, warm_share=0.3) == "serial:5,parallel:5,serial:8"
+    assert sched(epochs=11, stages=4, warm_share=0.3) == "serial:3,parallel:3,serial:5"
+    assert sched(epochs=8, stages=4, warm_share=0.3) == "serial:8"          # still too short at K = 4
+    assert sched(epochs=10, stages=2, warm_share=0.0) == "serial:1,parallel:2,serial:7"
+    assert sched(epochs=10, stages=2, warm_share=0.9) == "serial:7,parallel:2,serial:1"   # the tail keeps 1
+    for k in (2, 3, 4, 8):
+        assert make_config(method="al", stages=k, warm_share=0.3).min_epochs_for_parallel() \
+            == make_config(method="al", stages=k).min_epochs_for_parallel()
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ConfigError, match="--warm-share"):
+            make_config(method="al", epochs=8, warm_share=bad)
