@@ -333,17 +333,30 @@ class DistTopology(Topology):
         self.transport.reset_counters()
         return [self.transport for _ in stages]
 
+    def _collective(self, what: str, fn: Any, *args: Any, **kw: Any) -> Any:
+        """Run one collective; a backend timeout (a rank slower than --timeout-s, or stopped)
+        becomes a TransportError that says so, instead of the backend's own message."""
+        try:
+            return fn(*args, **kw)
+        except RuntimeError as e:
+            text = str(e)
+            if "timed out" not in text.lower() and "timeout" not in text.lower():
+                raise
+            raise TransportError(f"rank {self.rank}: no answer from the other ranks within {self.timeout_s:g}s "
+                                 f"(--timeout-s) while {what}: {_first_line(e)}") from None
+
     def gather(self, obj: Any) -> list[Any]:
-        return _all_gather_object(obj)
+        return self._collective("gathering a value from every rank", _all_gather_object, obj)
 
     def broadcast(self, obj: Any, src: int = 0) -> Any:
-        return _broadcast_object(obj, src)
+        return self._collective(f"receiving a value from rank {src}", _broadcast_object, obj, src)
 
     def sum_(self, t: torch.Tensor, device: torch.device) -> torch.Tensor:
-        return _all_reduce_cpu(t, device)
+        return self._collective("summing a value over the ranks", _all_reduce_cpu, t, device)
 
     def mean_(self, tensors: list[torch.Tensor], weight: float, total: float) -> None:
-        _weighted_mean_(tensors, weight, total, reduce=dist.all_reduce)
+        self._collective("averaging state over the ranks", _weighted_mean_, tensors, weight, total,
+                         reduce=dist.all_reduce)
 
     def sync_stages(self, stages: list[nn.Module], optimizers: list[torch.optim.Optimizer]) -> None:
         for k, stage in enumerate(stages):
@@ -361,7 +374,7 @@ class DistTopology(Topology):
         return None
 
     def barrier(self) -> None:
-        dist.barrier()
+        self._collective("waiting at a barrier", dist.barrier)
 
     def close(self) -> None:
         self.transport.close()
