@@ -127,6 +127,21 @@ def train_command(cell: str, arm: str, k: int | None, seed: int, args: argparse.
     return cmd
 
 
+def resolved_schedule(cmd: list[str]) -> str:
+    """The schedule a ``layerpar train`` command line resolves to (no training)."""
+    from layerpar_fast.cli import _build_parser, _train_config
+    args = _build_parser().parse_args(cmd[3:])
+    return _train_config(args)[0].resolved_schedule()
+
+
+def serial_equivalent(cmd: list[str]) -> bool:
+    """Whether an SPH command's schedule has no parallel phase. Such a run is layer-serial
+    back-propagation with the serial baseline's data order and initialisation, and its model equals
+    the baseline's bit for bit (round 4 of the matrix: 0.00 on every seed), so the harness reuses
+    the baseline instead of training it again."""
+    return "parallel" not in resolved_schedule(cmd)
+
+
 def finished(d: str) -> bool:
     return all(os.path.isfile(os.path.join(d, f)) for f in ("summary.json", "final_model.pt"))
 
@@ -190,9 +205,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     for i, (cell, arm, k, seed) in enumerate(todo):
         d = run_dir(args.out, cell, arm, k, seed)
         key = os.path.relpath(d, args.out)
-        if key in results and finished(d):
+        if key in results and (finished(d) or results[key].get("reused_from")):
             continue
         cmd = train_command(cell, arm, k, seed, args, d)
+        base = f"{cell}/serial-seed{seed}"
+        if k is not None and not finished(d) and serial_equivalent(cmd):
+            results = _load(res_path)
+            if base not in results:
+                print(f"[{i + 1}/{len(todo)}] {key}: all-serial schedule, but its baseline {base} is missing; next run",
+                      flush=True)
+                continue
+            entry = dict(results[base], reused_from=base, command="layerpar train " + " ".join(cmd[4:]),
+                         schedule_configured=resolved_schedule(cmd))
+            print(f"[{i + 1}/{len(todo)}] {key}: schedule {entry['schedule_configured']} has no parallel phase: "
+                  f"the serial baseline's model, reused ({entry['test_acc']:.2f}%)", flush=True)
+            results = {**results, key: entry}
+            atomic_write_json(res_path, {"runs": results, "environment": environment()})
+            continue
         if not finished(d):
             if os.path.isfile(os.path.join(d, "checkpoint.pt")):
                 cmd_now = [sys.executable, "-m", "layerpar_fast", "train", "--no-progress", "--resume", d]
@@ -295,6 +324,7 @@ def matrix(results: dict[str, Any], variant: str) -> list[dict[str, Any]]:
                 "schedule": sph[0]["schedule"],
                 "wall_s": round(mean([r["wall_s"] for r in sph]), 1),
                 "serial_wall_s": round(mean([r["wall_s"] for r in ser]), 1),
+                "serial_reused": all(r.get("reused_from") for r in sph),   # no parallel phase: the baseline
             })
     return rows
 
@@ -337,6 +367,9 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
                          f"{r['sph_acc']:.2f}% | {r['gap']:+.2f} | {' '.join(f'{g:+.2f}' for g in r['gap_per_seed'])} | "
                          f"{ok} | {r['parallel_share']:.2f} | `{r['schedule']}` | {r['wall_s']:.0f} s | "
                          f"{r['serial_wall_s']:.0f} s |")
+        if any(r.get("serial_reused") for r in rows):
+            lines.append("Rows whose schedule has no parallel phase are the serial baseline's own run, reused (the "
+                         "same model bit for bit: layer-serial training with the same seed and data order).")
         if any(r.get("carried_from") for r in rows):
             src = sorted({r["carried_from"] for r in rows if r.get("carried_from")})
             lines.append(f"† carried over from {', '.join(src)} (an earlier round of the same defaults, not re-run here)")

@@ -34,7 +34,7 @@ _TRAIN_OPTIONS: dict[str, tuple[Any, str]] = {
     "tail_share": (float, "share S/E of the epochs in the default schedule's serial tail (serial:1,parallel:E-1-S,serial:S)"),
     "warm_share": (float, "share of the epochs in the default schedule's serial warm start: W = round(E x share), "
                           "at least 1 (0: one epoch); the parallel phase keeps its E-1-S epochs and the tail gives "
-                          "up W-1 (serial:W,parallel:E-1-S,serial:S+1-W)"),
+                          "up W-1 (serial:W,parallel:E-1-S,serial:S+1-W); default 0.3: serial:2,parallel:2,serial:4 at 8 epochs"),
     "schedule": (str, "phases, e.g. serial:1,parallel:5,serial:2 or (parallel:2,serial:1)x3"),
     "batch_size": (int, "mini-batch size (the global batch size of every phase)"),
     "eval_batch_size": (int, "evaluation batch size"),

@@ -52,7 +52,7 @@ class Config:
     epochs: int | None = None
     schedule: str | None = None
     tail_share: float = 2 / 3
-    warm_share: float = 0.0
+    warm_share: float = 0.3
     switch_drift: float | None = None
     # optimisation
     batch_size: int = 128
@@ -123,7 +123,8 @@ class Config:
 
         P = E − 1 − round(E · tail_share) whatever the warm start; W = round(E · warm_share), at
         least 1 and at most round(E · tail_share), so that the tail keeps at least one epoch; the
-        tail gets the rest, T = E − W − P. With warm_share 0 this is serial:1,parallel:P,serial:S."""
+        tail gets the rest, T = E − W − P. The default 0.3 gives serial:2,parallel:2,serial:4 at E = 8
+        and serial:5,parallel:5,serial:8 at E = 18; with warm_share 0 this is serial:1,parallel:P,serial:S."""
         serial = max(1, round(epochs * self.tail_share))
         par = epochs - 1 - serial
         warm = min(max(1, round(epochs * self.warm_share)), serial)

@@ -62,3 +62,16 @@ def test_report_carries_rows_of_cells_it_did_not_run(tmp_path):
     assert rows[0]["gap"] == -0.2 and "carried_from" not in rows[0] and rows[1]["carried_from"] == "old.json"
     md = open(tmp_path / "m.md").read()
     assert "cifar10-10k-noaug-e10 † | 2 |" in md and "carried over from old.json" in md
+
+
+def test_an_all_serial_schedule_reuses_the_serial_baseline():
+    """K = 4 at 8 epochs resolves to serial:8 (no parallel phase): the harness sees it from the
+    command line alone and reuses the baseline; K = 2 keeps its parallel phase."""
+    args = type("A", (), dict(data_dir="unused", test_subset=100, threads=1))()
+    k4 = am.train_command("mnist-10k-noaug-e8", "default", 4, 0, args, "/tmp/x")
+    k2 = am.train_command("mnist-10k-noaug-e8", "default", 2, 0, args, "/tmp/y")
+    assert am.resolved_schedule(k4) == "serial:8" and am.serial_equivalent(k4)
+    assert "parallel" in am.resolved_schedule(k2) and not am.serial_equivalent(k2)
+    # a variant's own options count: a 12-epoch budget has a parallel phase at K = 4
+    k4e12 = am.train_command("mnist-10k-noaug-e12", "default", 4, 0, args, "/tmp/z")
+    assert not am.serial_equivalent(k4e12)
