@@ -576,6 +576,16 @@ def _tta_worker(cfg: Any, opts: dict[str, Any]) -> dict[str, Any]:
     return {"curves": curves}
 
 
+def _epoch_s(rows: list[dict[str, Any]], model: str, variant: str, link: str, hint_link: str) -> float:
+    """The epoch time of ``model`` / ``variant`` on ``link`` in an `epoch` table; a UsageError that
+    says how to measure it when the table lacks the row (``hint_link``: the slow link composed)."""
+    for r in rows:
+        if r["model"] == model and r["link"] == link and r["variant"] == variant:
+            return float(r["epoch_s"])
+    raise UsageError(f"--epoch-json has no {model} / {variant} row on link {link!r}: measure it with "
+                     f"`bench_peers.py epoch --models {model} --links unlimited,{hint_link}`")
+
+
 def compose_curves(curves: dict[str, list[dict[str, Any]]], rows: list[dict[str, Any]], link: str, *,
                    model: str, pipeline: str, s: int) -> dict[str, list[dict[str, Any]]]:
     """Time-to-accuracy curves on ``link`` composed from curves measured on the unlimited link.
@@ -586,15 +596,8 @@ def compose_curves(curves: dict[str, list[dict[str, Any]]], rows: list[dict[str,
     table (``rows``): serial1 by serial1's, ddp by ddp's, the pipelining schedule by the same
     schedule and micro-batch count, SPH's parallel epochs by ``sph`` at the same s and its serial
     epochs (data-parallel) by ddp's."""
-    def epoch_s(variant: str, lk: str) -> float:
-        for r in rows:
-            if r["model"] == model and r["link"] == lk and r["variant"] == variant:
-                return float(r["epoch_s"])
-        raise UsageError(f"--epoch-json has no {model} / {variant} row on link {lk!r}: measure it with "
-                         f"`bench_peers.py epoch --models {model} --links unlimited,{link}`")
-
     def factor(variant: str) -> float:
-        return epoch_s(variant, link) / epoch_s(variant, "unlimited")
+        return _epoch_s(rows, model, variant, link, link) / _epoch_s(rows, model, variant, "unlimited", link)
 
     kind, _, m = pipeline.partition(":")
     out: dict[str, list[dict[str, Any]]] = {}
@@ -653,11 +656,9 @@ def cmd_tta(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as e:
             raise UsageError(f"--epoch-json {args.epoch_json}: {e}") from None
         epoch_rows = epoch_rows["rows"] if isinstance(epoch_rows, dict) else epoch_rows
-        for v in ("serial1", "ddp", f"{kind}:m{m}", f"sph:s{args.s}"):
+        for v in ("serial1", "ddp", f"{kind}:m{m}", f"sph:s{args.s}"):    # every row, before the training
             for lk in ("unlimited", compose[0].spec):
-                if not any(r["model"] == args.model and r["link"] == lk and r["variant"] == v for r in epoch_rows):
-                    raise UsageError(f"--epoch-json has no {args.model} / {v} row on link {lk!r}: measure it with "
-                                     f"`bench_peers.py epoch --models {args.model} --links unlimited,{compose[0].spec}`")
+                _epoch_s(epoch_rows, args.model, v, lk, compose[0].spec)
     if not link.unlimited:
         try:
             P.probe_link(link)
