@@ -121,6 +121,13 @@ def _ddp_batches(tr: Any, epoch: int) -> Any:
         yield x, y
 
 
+def _stage_input_shape(tr: Any, rank: int, m: int) -> tuple[int, ...]:
+    """The shape of one of the m micro-batches entering stage ``rank``: images on the first,
+    the activation at the cut before it on the others."""
+    per_sample = tr.input_shape if rank == 0 else tr.cut_shapes[rank - 1]
+    return (tr.cfg.batch_size // m, *per_sample)
+
+
 def _pipe_batches(tr: Any, epoch: int, rank: int) -> Any:
     """Full batches only (the micro-batch shapes are fixed); rank 0 loads x, the others only y."""
     loader = tr.train_loader
@@ -165,7 +172,8 @@ def _run_variant(tr: Any, v: str, epoch: int, schedules: dict[str, Any], lr_fn: 
     if v.startswith(("gpipe:", "1f1b:")):
         kind, m = v.split(":m")
         if v not in schedules:
-            schedules[v] = P.make_schedule(tr.stages[rank], rank, world, kind, int(m), tr.device)
+            schedules[v] = P.make_schedule(tr.stages[rank], rank, world, kind, int(m), tr.device,
+                                           input_shape=_stage_input_shape(tr, rank, int(m)))
         c = P.PipeByteCounter()
         r = P.pipeline_epoch(schedules[v], tr.optimizers[rank], _pipe_batches(tr, epoch, rank), rank=rank,
                              world=world, counter=c, lr_fn=lr_fn)
@@ -550,7 +558,8 @@ def _tta_worker(cfg: Any, opts: dict[str, Any]) -> dict[str, Any]:
         sched = None
         if meth.startswith(("gpipe", "1f1b")):
             kind, m = meth.split(":m")
-            sched = P.make_schedule(tr.stages[rank], rank, world, kind, int(m), tr.device)
+            sched = P.make_schedule(tr.stages[rank], rank, world, kind, int(m), tr.device,
+                                    input_shape=_stage_input_shape(tr, rank, int(m)))
         wall, pts = 0.0, []
         for e in range(tr.total_epochs):
             lr_fn = (lambda t, e=e: tr.lr_at(e * tr.steps_per_epoch + t))

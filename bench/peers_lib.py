@@ -379,11 +379,28 @@ def _ddp_steps(model: nn.Module, optimizers: list[torch.optim.Optimizer], batche
 
 
 def make_schedule(stage_module: nn.Module, rank: int, world: int, kind: str, m: int,
-                  device: torch.device | str = "cpu") -> Any:
-    """A ``ScheduleGPipe`` / ``Schedule1F1B`` of this rank's stage, cross-entropy on the last."""
+                  device: torch.device | str = "cpu", *, input_shape: tuple[int, ...]) -> Any:
+    """A ``ScheduleGPipe`` / ``Schedule1F1B`` of this rank's stage, cross-entropy on the last.
+
+    ``input_shape`` is the shape of one micro-batch entering this stage (the micro-batch
+    dimension first). The stage is built in static mode, with example input and output tensors:
+    left to infer the shapes itself, torch.distributed.pipelining runs the stage's forward in
+    training mode on an uninitialised ``torch.empty`` input on every stage but the first, and
+    the BatchNorm running statistics it updates there can turn into NaN (evaluation then predicts
+    one class while training looks healthy). The example output comes from an evaluation-mode
+    forward on zeros, which changes no buffer; inputs after the first stage and every output are
+    marked as needing a gradient, as the inferred metadata would be."""
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-    stage = PipelineStage(stage_module, rank, world, torch.device(device))
+    dev = torch.device(device)
+    # the metadata carries requires_grad: a later stage's input needs a gradient (it is sent back)
+    example = torch.zeros(input_shape, device=dev).requires_grad_(rank > 0)
+    was_training = stage_module.training
+    stage_module.eval()
+    with torch.enable_grad():
+        out = stage_module(example).detach().requires_grad_(True)
+    stage_module.train(was_training)
+    stage = PipelineStage(stage_module, rank, world, dev, input_args=example, output_args=out)
     cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[kind]
     return cls(stage, m, loss_fn=lambda out, y: F.cross_entropy(out.float(), y))
 
@@ -453,9 +470,12 @@ def _tiny_rank(rank: int, world: int, port: int, kind: str, steps: int, out: Any
             kind_, m = kind.split(":")
             stage = net[:3] if rank == 0 else net[3:]
             opt = torch.optim.SGD(stage.parameters(), lr=0.1, momentum=0.9)
-            sched = make_schedule(stage, rank, world, kind_, int(m))
+            sched = make_schedule(stage, rank, world, kind_, int(m), input_shape=(32 // int(m), 3 if rank == 0 else 8, 8, 8))
             c = PipeByteCounter()
             r = pipeline_epoch(sched, opt, data, rank=rank, world=world, counter=c)
+            # one BatchNorm update per real micro-batch, none from building the schedule
+            r["bn_batches"] = [int(b) for n, b in stage.named_buffers() if n.endswith("num_batches_tracked")]
+            r["buffers_finite"] = all(bool(torch.isfinite(b).all()) for b in stage.buffers() if b.is_floating_point())
             r["expected_sent"] = steps * 32 * 8 * 8 * 8 * ELEM     # activation or its gradient at the cut
         out.put((rank, r))
         dist.barrier()

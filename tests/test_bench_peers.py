@@ -41,6 +41,9 @@ def test_runner_trains_and_counts_bytes(kind: str) -> None:
         else:
             assert r["bytes_sent"] == r["expected_sent"]          # activations (rank 0) / gradients (rank 1)
             assert r["messages"] == 6 * int(kind.split(":")[1])   # one per micro-batch
+            # BatchNorm saw the 6 x m real micro-batches and nothing else: torch's own shape
+            # inference (a training-mode forward on torch.empty) once made its statistics NaN
+            assert r["bn_batches"] == [6 * int(kind.split(":")[1])] and r["buffers_finite"], r["bn_batches"]
 
 
 def test_formula_bytes() -> None:
