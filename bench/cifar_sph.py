@@ -102,8 +102,13 @@ def run_command(name: str, args: argparse.Namespace, out: str) -> list[str]:
     if args.subset:
         common += ["--subset", str(args.subset)]
     tail = args.tail if args.tail is not None else _default_tail(args.epochs)
-    if name == "tail-only":
-        extra += ["--schedule", f"serial:1,idle:{args.epochs - 1 - tail},serial:{tail}"]
+    if name == "tail-only":         # the SPH schedule with its parallel epochs skipped
+        if args.tail is None:
+            from layerpar_fast.config import make_config
+            sched = make_config(method="al", epochs=args.epochs).resolved_schedule().replace("parallel:", "idle:")
+        else:
+            sched = f"serial:1,idle:{args.epochs - 1 - tail},serial:{tail}"
+        extra += ["--schedule", sched]
     elif name.startswith("al-s2-cycles"):
         extra += ["--schedule", cycles_schedule(args.epochs)]
     elif args.tail is not None and extra[extra.index("--method") + 1] != "serial":

@@ -27,7 +27,7 @@ def test_default_schedules_and_names():
     cmd = cifar_sph.run_command("al-s2-shift", a, "o")
     assert cmd[cmd.index("--epochs") + 1] == "18" and schedule_of(cmd) is None
     assert cmd[cmd.index("--parallel-augment") + 1] == "shift" and cmd[cmd.index("--cuts") + 1] == "4"
-    assert schedule_of(cifar_sph.run_command("tail-only", a, "o")) == "serial:1,idle:5,serial:12"  # the default tail
+    assert schedule_of(cifar_sph.run_command("tail-only", a, "o")) == "serial:5,idle:5,serial:8"  # the default schedule
     assert schedule_of(cifar_sph.run_command("al-s2-cycles", a, "o")) == "serial:1,(parallel:3,serial:1)x3,serial:5"
     assert "--cuts" not in cifar_sph.run_command("ddp", a, "o")
 
@@ -86,8 +86,8 @@ def test_k3_and_k4_runs_are_local_time_balanced_and_use_the_library_default_tail
         assert cmd[cmd.index("--balance") + 1] == "time" and "--cuts" not in cmd
         assert schedule_of(cmd) == "serial:1,parallel:9,serial:8"
         assert cifar_sph.run_key(f"al-s2-shift-k{k}", a) == f"al-s2-shift-k{k}-tail8"
-    # without --tail the tail-only control uses the library's default tail (2/3 of the epochs)
-    assert schedule_of(cifar_sph.run_command("tail-only", args(), "o")) == "serial:1,idle:5,serial:12"
+    # without --tail the tail-only control is the library's default schedule with its parallel epochs skipped
+    assert schedule_of(cifar_sph.run_command("tail-only", args(), "o")) == "serial:5,idle:5,serial:8"
 
 
 def test_local_k4_rows_say_serial_time_and_list_per_stage_monitors(tmp_path):
