@@ -99,6 +99,7 @@ VARIANTS: dict[str, list[str]] = {
     "betac18": ["--beta-c", "1.8"],
     "late10-betac12": ["--schedule", "serial:3,parallel:2,serial:5", "--beta-c", "1.2"],
     "warm30": ["--warm-share", "0.3"],      # the later phase as a rule: late8 / late10 at E = 8 / 10
+    "warm40": ["--warm-share", "0.4"],      # an even later phase: serial:4,parallel:2,serial:4 at E = 10
     "pshift": ["--parallel-augment", "shift"],     # the parallel phase on shifted views (augmented cells)
     "bf16": ["--amp", "bf16"],                                   # mixed precision (issue 15's accuracy check)
     "replicas2": ["--replicas", "2"],                            # K stages x 2 replicas, same global batch (issue 13)
@@ -368,6 +369,7 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
                          f"{ok} | {r['parallel_share']:.2f} | `{r['schedule']}` | {r['wall_s']:.0f} s | "
                          f"{r['serial_wall_s']:.0f} s |")
         if any(r.get("serial_reused") for r in rows):
+            lines.append("")
             lines.append("Rows whose schedule has no parallel phase are the serial baseline's own run, reused (the "
                          "same model bit for bit: layer-serial training with the same seed and data order).")
         if any(r.get("carried_from") for r in rows):
