@@ -100,8 +100,8 @@ VARIANTS: dict[str, list[str]] = {
     "late10-betac12": ["--schedule", "serial:3,parallel:2,serial:5", "--beta-c", "1.2"],
     "warm30": ["--warm-share", "0.3"],      # the later phase as a rule: late8 / late10 at E = 8 / 10
     "warm40": ["--warm-share", "0.4"],      # an even later phase: serial:4,parallel:2,serial:4 at E = 10
-    "pshift": ["--parallel-augment", "shift"],
-    "pshiftflip": ["--parallel-augment", "shift_flip"],   # shifted and mirrored views in the parallel phase     # the parallel phase on shifted views (augmented cells)
+    "pshift": ["--parallel-augment", "shift"],     # the parallel phase on shifted views (augmented cells)
+    "pshiftflip": ["--parallel-augment", "shift_flip"],   # shifted and mirrored views in the parallel phase
     "bf16": ["--amp", "bf16"],                                   # mixed precision (issue 15's accuracy check)
     "replicas2": ["--replicas", "2"],                            # K stages x 2 replicas, same global batch (issue 13)
 }

@@ -87,10 +87,16 @@ def cycles_schedule(epochs: int) -> str:
     return f"serial:1,(parallel:{a},serial:1)x3,serial:{rest}"
 
 
+def _default_schedule(epochs: int) -> str:
+    """The library's default SPH schedule for ``epochs``."""
+    from layerpar_fast.config import make_config
+    return make_config(method="al", epochs=epochs).resolved_schedule()
+
+
 def _default_tail(epochs: int) -> int:
     """The serial tail of the library's default schedule for ``epochs`` (at least 1)."""
-    from layerpar_fast.config import make_config, parse_schedule
-    phases = parse_schedule(make_config(method="al", epochs=epochs).resolved_schedule())
+    from layerpar_fast.config import parse_schedule
+    phases = parse_schedule(_default_schedule(epochs))
     return phases[-1][1] if len(phases) > 1 else max(1, round(epochs / 4))
 
 
@@ -104,8 +110,7 @@ def run_command(name: str, args: argparse.Namespace, out: str) -> list[str]:
     tail = args.tail if args.tail is not None else _default_tail(args.epochs)
     if name == "tail-only":         # the SPH schedule with its parallel epochs skipped
         if args.tail is None:
-            from layerpar_fast.config import make_config
-            sched = make_config(method="al", epochs=args.epochs).resolved_schedule().replace("parallel:", "idle:")
+            sched = _default_schedule(args.epochs).replace("parallel:", "idle:")
         else:
             sched = f"serial:1,idle:{args.epochs - 1 - tail},serial:{tail}"
         extra += ["--schedule", sched]
