@@ -102,6 +102,8 @@ VARIANTS: dict[str, list[str]] = {
     "warm40": ["--warm-share", "0.4"],      # an even later phase: serial:4,parallel:2,serial:4 at E = 10
     "pshift": ["--parallel-augment", "shift"],     # the parallel phase on shifted views (augmented cells)
     "pshiftflip": ["--parallel-augment", "shift_flip"],   # shifted and mirrored views in the parallel phase
+    # half the un-augmented parallel epochs handed to the serial tail (augmented cells, E = 10)
+    "par1-e10": ["--schedule", "serial:3,parallel:1,serial:6"],
     "bf16": ["--amp", "bf16"],                                   # mixed precision (issue 15's accuracy check)
     "replicas2": ["--replicas", "2"],                            # K stages x 2 replicas, same global batch (issue 13)
 }

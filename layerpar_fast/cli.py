@@ -35,6 +35,9 @@ _TRAIN_OPTIONS: dict[str, tuple[Any, str]] = {
     "warm_share": (float, "share of the epochs in the default schedule's serial warm start: W = round(E x share), "
                           "at least 1 (0: one epoch); the parallel phase keeps its E-1-S epochs and the tail gives "
                           "up W-1 (serial:W,parallel:E-1-S,serial:S+1-W); default 0.3: serial:2,parallel:2,serial:4 at 8 epochs"),
+    "aug_parallel_share": (float, "when the serial epochs augment and the parallel phase does not (--parallel-augment none), "
+                                  "the default schedule keeps this share of its parallel epochs, ceil(P x share), at "
+                                  "least K-1, and gives the rest to the serial tail (1: no change)"),
     "schedule": (str, "phases, e.g. serial:1,parallel:5,serial:2 or (parallel:2,serial:1)x3"),
     "batch_size": (int, "mini-batch size (the global batch size of every phase)"),
     "eval_batch_size": (int, "evaluation batch size"),
@@ -102,7 +105,8 @@ _GROUPS = {
     "method": ("method", "stages", "replicas", "cuts", "balance", "ds", "filter", "beta", "beta_c", "gamma", "al_order",
                "mult_init", "stage_lr", "window", "parallel_augment", "aux_dtype", "aux_device", "kappa_iters",
                "bn_recalib_batches"),
-    "schedule and optimisation": ("epochs", "schedule", "tail_share", "warm_share", "switch_drift", "batch_size", "eval_batch_size",
+    "schedule and optimisation": ("epochs", "schedule", "tail_share", "warm_share", "aug_parallel_share",
+                                  "switch_drift", "batch_size", "eval_batch_size",
                                   "lr", "lr_schedule", "milestones", "lr_decay", "warmup_epochs", "momentum",
                                   "nesterov", "weight_decay", "wd_bn", "label_smoothing", "seed"),
     "distributed and devices": ("transport", "serial_on", "serial_bn", "timeout_s", "threads", "device"),
@@ -239,6 +243,8 @@ def _resume_changes(saved: dict[str, Any], given: dict[str, Any]) -> dict[str, A
             out[key] = value
         elif key in ("epochs", "schedule"):
             continue
+        elif key == "augment" and value == "auto":
+            continue          # the trainer saved what auto meant for the run's images
         elif key in saved and saved[key] != value:
             opt = "--" + key.replace("_", "-")
             raise ConfigError(f"{opt} cannot change on --resume (the run used {saved[key]!r}); options that may: "

@@ -6,6 +6,7 @@ given with ``--config`` (``batch_size: 128`` or ``batch-size = 128``); the comma
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,6 +54,7 @@ class Config:
     schedule: str | None = None
     tail_share: float = 2 / 3
     warm_share: float = 0.3
+    aug_parallel_share: float = 1.0
     switch_drift: float | None = None
     # optimisation
     batch_size: int = 128
@@ -124,11 +126,29 @@ class Config:
         P = E − 1 − round(E · tail_share) whatever the warm start; W = round(E · warm_share), at
         least 1 and at most round(E · tail_share), so that the tail keeps at least one epoch; the
         tail gets the rest, T = E − W − P. The default 0.3 gives serial:2,parallel:2,serial:4 at E = 8
-        and serial:5,parallel:5,serial:8 at E = 18; with warm_share 0 this is serial:1,parallel:P,serial:S."""
+        and serial:5,parallel:5,serial:8 at E = 18; with warm_share 0 this is serial:1,parallel:P,serial:S.
+
+        When the serial epochs augment and the parallel phase does not (``--parallel-augment none``),
+        P becomes max(K − 1, ⌈P · aug_parallel_share⌉) and the tail takes the epochs given up: the
+        parallel epochs see the images as they are, and the serial tail must make up the augmented
+        epochs they replace (the accuracy matrix, docs/results.md)."""
         serial = max(1, round(epochs * self.tail_share))
         par = epochs - 1 - serial
         warm = min(max(1, round(epochs * self.warm_share)), serial)
+        if self.aug_parallel_share < 1 and self.parallel_augment == "none" and self.augments() \
+                and par >= self.min_parallel_epochs():
+            # the serial epochs augment and the parallel phase does not: its epochs are worth less
+            par = max(self.min_parallel_epochs(), math.ceil(par * self.aug_parallel_share - 1e-9))
         return warm, par, epochs - warm - par
+
+    def augments(self) -> bool:
+        """Whether the serial epochs train on augmented images. ``--augment auto`` means crop_flip for
+        RGB images and none for grey ones: known here for the named data sets (MNIST and the embedded
+        set are grey, CIFAR RGB); for an .npz file or a user's own data the trainer replaces ``auto``
+        by what the images call for before it reads the schedule (until then: False)."""
+        if self.augment != "auto":
+            return self.augment != "none"
+        return self.dataset.strip().lower() in ("cifar10", "cifar100")
 
     def min_parallel_epochs(self) -> int:
         """The shortest parallel phase the default schedule gives: K − 1 epochs (at least 1).
@@ -189,6 +209,8 @@ class Config:
              f"--switch-drift must be > 0, got {self.switch_drift}")
         need(0 < self.tail_share < 1, f"--tail-share must be in (0, 1), got {self.tail_share}")
         need(0 <= self.warm_share < 1, f"--warm-share must be in [0, 1), got {self.warm_share}")
+        need(0 < self.aug_parallel_share <= 1,
+             f"--aug-parallel-share must be in (0, 1], got {self.aug_parallel_share}")
         need(self.epochs is None or self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
         need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         need(self.eval_batch_size >= 1, f"--eval-batch-size must be >= 1, got {self.eval_batch_size}")

@@ -88,6 +88,10 @@ class HybridTrainer(ParallelPhase, SerialPhase, Evaluation, Checkpoints):
             self.data = load_dataset(cfg.dataset, cfg.data_dir, subset=cfg.subset, test_subset=cfg.test_subset,
                                      cifar100_labels=cfg.cifar100_labels)
         ds = self.data
+        if cfg.augment == "auto":
+            # what auto means for these images (the default schedule depends on it): config.json
+            # names it, as it names measured cuts
+            cfg.augment = _augment_kind("auto", ds) or "none"
         if cuts is None and cfg.cuts is None and cfg.balance == "time" and cfg.stages > 1 and topo.world > 1:
             cuts = self._agree_on_cuts(model)
         torch.manual_seed(cfg.seed)

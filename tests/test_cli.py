@@ -233,3 +233,14 @@ def test_resume_may_extend_the_schedule_and_refuses_other_changes(tmp_path, caps
     assert main(["train", "--resume", str(lp), "--epochs", "4"]) == 2
     assert "give --schedule that starts with" in capsys.readouterr().err
     assert main(["train", "--resume", str(lp), "--schedule", "serial:1,parallel:1,serial:1"]) == 0
+
+
+def test_resume_accepts_augment_auto_for_what_auto_resolved_to():
+    """The trainer saves what --augment auto meant for the run's images; a --resume command line that
+    repeats auto keeps the saved value, another concrete value is refused."""
+    from layerpar_fast.cli import _resume_changes
+    from layerpar_fast.config import ConfigError
+    saved = {"augment": "crop_flip", "lr": 0.1}
+    assert _resume_changes(saved, {"augment": "auto"}) == {}
+    with pytest.raises(ConfigError, match="--augment cannot change on --resume"):
+        _resume_changes(saved, {"augment": "none"})

@@ -150,3 +150,29 @@ def test_warm_share_moves_the_parallel_phase_later():
     for bad in (-0.1, 1.0):
         with pytest.raises(ConfigError, match="--warm-share"):
             make_config(method="al", epochs=8, warm_share=bad)
+
+
+def test_aug_parallel_share_gives_unaugmented_parallel_epochs_to_the_tail():
+    """With augmented serial epochs and an un-augmented parallel phase, the default schedule keeps
+    ceil(P x share) parallel epochs (at least K - 1) and the tail takes the rest; nothing changes
+    without augmentation, with shift views in the parallel phase, or with an explicit schedule."""
+    def sched(**kw):
+        kw = {"method": "al", "warm_share": 0.3, "aug_parallel_share": 0.5, **kw}
+        return make_config(**kw).resolved_schedule()
+    assert sched(epochs=10, stages=2, dataset="cifar10") == "serial:3,parallel:1,serial:6"      # auto: crop_flip
+    assert sched(epochs=10, stages=2, dataset="cifar10", augment="none") == "serial:3,parallel:2,serial:5"
+    assert sched(epochs=10, stages=2, dataset="cifar10", parallel_augment="shift") == "serial:3,parallel:2,serial:5"
+    assert sched(epochs=10, stages=2, dataset="cifar10", aug_parallel_share=1.0) == "serial:3,parallel:2,serial:5"
+    assert sched(epochs=8, stages=2, dataset="mnist") == "serial:2,parallel:2,serial:4"          # auto: none
+    assert sched(epochs=8, stages=2, dataset="mnist", augment="shift") == "serial:2,parallel:1,serial:5"
+    assert sched(epochs=18, stages=2, dataset="cifar100") == "serial:5,parallel:3,serial:10"     # ceil(2.5)
+    assert sched(epochs=12, stages=4, dataset="cifar10") == "serial:4,parallel:3,serial:5"       # K - 1 kept
+    assert sched(epochs=10, stages=4, dataset="cifar10") == "serial:10"                         # none before
+    assert sched(epochs=10, stages=2, dataset="cifar10", schedule="serial:1,parallel:8,serial:1") \
+        == "serial:1,parallel:8,serial:1"
+    assert make_config(method="al", dataset="cifar10").augments()
+    assert not make_config(method="al", dataset="embedded").augments()
+    assert not make_config(method="al", dataset="/data/mine.npz").augments()   # the trainer decides
+    for bad in (0.0, 1.5):
+        with pytest.raises(ConfigError, match="--aug-parallel-share"):
+            make_config(method="al", epochs=8, aug_parallel_share=bad)

@@ -419,3 +419,30 @@ def test_subset_options_apply_to_a_users_own_data_set():
     assert torch.equal(tr.data.x_train, tiny_data().x_train[:32])
     with pytest.raises(DataError, match="subset=100 must be an integer in"):
         trainer(subset=100)
+
+
+def test_augment_auto_is_resolved_from_the_images_before_the_schedule(tmp_path):
+    """--augment auto on a user's RGB images means crop_flip: the trainer says so in config.json,
+    and the default schedule is the augmented one (--aug-parallel-share applies); on grey images
+    auto means none and the schedule keeps its parallel epochs."""
+    import json
+    t = trainer(tmp_path, cuts=(2,), schedule=None, epochs=10, augment="auto", aug_parallel_share=0.5,
+                warm_share=0.3, size=8)
+    assert t.cfg.augment == "crop_flip"
+    assert t.cfg.resolved_schedule() == "serial:3,parallel:1,serial:6"
+    t2 = trainer(None, cuts=(2,), schedule=None, epochs=10, augment="none", aug_parallel_share=0.5, warm_share=0.3)
+    assert t2.cfg.resolved_schedule() == "serial:3,parallel:2,serial:5"
+    grey = tiny_data()
+    grey = Dataset(name="grey", x_train=grey.x_train[:, :1].contiguous(), y_train=grey.y_train,
+                   x_test=grey.x_test[:, :1].contiguous(), y_test=grey.y_test, num_classes=4,
+                   mean=grey.mean[:1], std=grey.std[:1])
+    torch.manual_seed(0)
+    stem = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU())
+    model = nn.Sequential(stem, BasicBlock(4, 4), BasicBlock(4, 4), ClassifierHead(4, 4))
+    cfg = make_config(method="al", stages=2, ds=2, batch_size=16, eval_batch_size=16, epochs=10, progress=False,
+                      augment="auto", aug_parallel_share=0.5, warm_share=0.3, threads=1)
+    t3 = HybridTrainer(cfg, None, data=grey, model=model, cuts=[2], log=lambda m: None)
+    assert t3.cfg.augment == "none" and t3.cfg.resolved_schedule() == "serial:3,parallel:2,serial:5"
+    t.run()
+    saved = json.load(open(tmp_path / "config.json"))
+    assert saved["augment"] == "crop_flip" and saved["aug_parallel_share"] == 0.5
