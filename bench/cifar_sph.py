@@ -13,7 +13,8 @@ worker processes (gloo, 1 thread each) and their wall time is real parallel time
     al-s2-shift-k{3,4}  K = 3 / 4 stages with shift views and cuts balanced by measured time, all
                   stages in one process (--transport local, 1 thread: the same parameters as K
                   processes; its wall time is serial time, not parallel time)
-    tail-only     serial:1,idle:P,serial:S: what the serial epochs of SPH buy alone
+    tail-only     al-s2's default schedule with its parallel epochs idle (serial:5,idle:3,serial:10
+                  at 18 epochs on CIFAR): what the serial epochs of SPH buy alone
     al-s2-cycles  al-s2 with augmented serial epochs between parallel ones:
                   serial:1,(parallel:a,serial:1)x3,serial:R
     al-s{2,4}-shift, al-s2-cycles-shift   the same with --parallel-augment shift: the parallel
@@ -21,8 +22,10 @@ worker processes (gloo, 1 thread each) and their wall time is real parallel time
     al-s2-shiftflip  --parallel-augment shift_flip: shifted views and mirror images, each
                   mirror image with auxiliary variables of its own (twice the store memory)
 
-SPH runs use the library's default schedule for E epochs: serial:1,parallel:E-1-S,serial:S with
-S = 2E/3 (--tail S sets another serial tail for them and for tail-only; such runs are named
+SPH runs use the library's default schedule for E epochs: serial:W,parallel:P,serial:E-W-P with
+W = round(0.3E), P = E-1-round(2E/3), and for the runs without shift views (augmented serial
+epochs, un-augmented parallel ones) P = ceil(P/2), the tail taking the rest (--aug-parallel-share);
+--tail S sets serial:1,parallel:E-1-S,serial:S for them and for tail-only (such runs are named
 NAME-tailS).
 --seed N (N != 0) names the runs NAME-seedN; "vs serial" compares them with serial-seedN.
 --set KEY=VALUE passes an option to every selected run and names them NAME-KEYVALUE.
@@ -87,16 +90,17 @@ def cycles_schedule(epochs: int) -> str:
     return f"serial:1,(parallel:{a},serial:1)x3,serial:{rest}"
 
 
-def _default_schedule(epochs: int) -> str:
-    """The library's default SPH schedule for ``epochs``."""
+def _default_schedule(epochs: int, dataset: str = "cifar10") -> str:
+    """The library's default SPH schedule for ``epochs`` on ``dataset`` (K = 2, ``--augment auto``:
+    crop_flip for CIFAR, so the un-augmented parallel phase is shortened, --aug-parallel-share)."""
     from layerpar_fast.config import make_config
-    return make_config(method="al", epochs=epochs).resolved_schedule()
+    return make_config(method="al", stages=2, epochs=epochs, dataset=dataset).resolved_schedule()
 
 
-def _default_tail(epochs: int) -> int:
+def _default_tail(epochs: int, dataset: str = "cifar10") -> int:
     """The serial tail of the library's default schedule for ``epochs`` (at least 1)."""
     from layerpar_fast.config import parse_schedule
-    phases = parse_schedule(_default_schedule(epochs))
+    phases = parse_schedule(_default_schedule(epochs, dataset))
     return phases[-1][1] if len(phases) > 1 else max(1, round(epochs / 4))
 
 
@@ -107,10 +111,10 @@ def run_command(name: str, args: argparse.Namespace, out: str) -> list[str]:
               "--test-subset", str(args.test_subset), "--no-progress"]
     if args.subset:
         common += ["--subset", str(args.subset)]
-    tail = args.tail if args.tail is not None else _default_tail(args.epochs)
+    tail = args.tail if args.tail is not None else _default_tail(args.epochs, args.dataset)
     if name == "tail-only":         # the SPH schedule with its parallel epochs skipped
         if args.tail is None:
-            sched = _default_schedule(args.epochs).replace("parallel:", "idle:")
+            sched = _default_schedule(args.epochs, args.dataset).replace("parallel:", "idle:")
         else:
             sched = f"serial:1,idle:{args.epochs - 1 - tail},serial:{tail}"
         extra += ["--schedule", sched]

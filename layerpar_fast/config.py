@@ -54,7 +54,7 @@ class Config:
     schedule: str | None = None
     tail_share: float = 2 / 3
     warm_share: float = 0.3
-    aug_parallel_share: float = 1.0
+    aug_parallel_share: float = 0.5
     switch_drift: float | None = None
     # optimisation
     batch_size: int = 128
