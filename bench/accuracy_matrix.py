@@ -104,6 +104,7 @@ VARIANTS: dict[str, list[str]] = {
     "pshiftflip": ["--parallel-augment", "shift_flip"],   # shifted and mirrored views in the parallel phase
     # half the un-augmented parallel epochs handed to the serial tail (augmented cells, E = 10)
     "par1-e10": ["--schedule", "serial:3,parallel:1,serial:6"],
+    "augshare1": ["--aug-parallel-share", "1"],      # the default schedule before round 7 (all P parallel epochs)
     "bf16": ["--amp", "bf16"],                                   # mixed precision (issue 15's accuracy check)
     "replicas2": ["--replicas", "2"],                            # K stages x 2 replicas, same global batch (issue 13)
 }
