@@ -55,6 +55,7 @@ class Config:
     tail_share: float = 2 / 3
     warm_share: float = 0.3
     aug_parallel_share: float = 0.5
+    aug_warm_share: float = 0.45
     switch_drift: float | None = None
     # optimisation
     batch_size: int = 128
@@ -131,12 +132,15 @@ class Config:
         When the serial epochs augment and the parallel phase does not (``--parallel-augment none``),
         P becomes max(K − 1, ⌈P · aug_parallel_share⌉) and the tail takes the epochs given up: the
         parallel epochs see the images as they are, and the serial tail must make up the augmented
-        epochs they replace (the accuracy matrix, docs/results.md)."""
+        epochs they replace; and the warm start takes max(warm_share, aug_warm_share) of the epochs:
+        a later phase, at a lower learning rate, drifts less at K = 4 (the accuracy matrix, round 7,
+        docs/results.md)."""
         serial = max(1, round(epochs * self.tail_share))
         par = epochs - 1 - serial
-        warm = min(max(1, round(epochs * self.warm_share)), serial)
-        if self.aug_parallel_share < 1 and self.parallel_augment == "none" and self.augments() \
-                and par >= self.min_parallel_epochs():
+        aug_only = self.parallel_augment == "none" and self.augments()
+        share = max(self.warm_share, self.aug_warm_share) if aug_only else self.warm_share
+        warm = min(max(1, round(epochs * share)), serial)
+        if self.aug_parallel_share < 1 and aug_only and par >= self.min_parallel_epochs():
             # the serial epochs augment and the parallel phase does not: its epochs are worth less
             par = max(self.min_parallel_epochs(), math.ceil(par * self.aug_parallel_share - 1e-9))
         return warm, par, epochs - warm - par
@@ -209,6 +213,7 @@ class Config:
              f"--switch-drift must be > 0, got {self.switch_drift}")
         need(0 < self.tail_share < 1, f"--tail-share must be in (0, 1), got {self.tail_share}")
         need(0 <= self.warm_share < 1, f"--warm-share must be in [0, 1), got {self.warm_share}")
+        need(0 <= self.aug_warm_share < 1, f"--aug-warm-share must be in [0, 1), got {self.aug_warm_share}")
         need(0 < self.aug_parallel_share <= 1,
              f"--aug-parallel-share must be in (0, 1], got {self.aug_parallel_share}")
         need(self.epochs is None or self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")

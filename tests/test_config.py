@@ -157,7 +157,7 @@ def test_aug_parallel_share_gives_unaugmented_parallel_epochs_to_the_tail():
     ceil(P x share) parallel epochs (at least K - 1) and the tail takes the rest; nothing changes
     without augmentation, with shift views in the parallel phase, or with an explicit schedule."""
     def sched(**kw):
-        kw = {"method": "al", "warm_share": 0.3, "aug_parallel_share": 0.5, **kw}
+        kw = {"method": "al", "warm_share": 0.3, "aug_parallel_share": 0.5, "aug_warm_share": 0.0, **kw}
         return make_config(**kw).resolved_schedule()
     assert sched(epochs=10, stages=2, dataset="cifar10") == "serial:3,parallel:1,serial:6"      # auto: crop_flip
     assert sched(epochs=10, stages=2, dataset="cifar10", augment="none") == "serial:3,parallel:2,serial:5"
@@ -176,3 +176,26 @@ def test_aug_parallel_share_gives_unaugmented_parallel_epochs_to_the_tail():
     for bad in (0.0, 1.5):
         with pytest.raises(ConfigError, match="--aug-parallel-share"):
             make_config(method="al", epochs=8, aug_parallel_share=bad)
+
+
+def test_aug_warm_share_moves_an_unaugmented_parallel_phase_later():
+    """With augmented serial epochs and an un-augmented parallel phase the warm start takes
+    max(warm_share, aug_warm_share) of the epochs (round 7: K = 4 on augmented CIFAR-10); nothing
+    changes without augmentation, with shift views in the parallel phase or with aug_warm_share 0."""
+    def sched(**kw):
+        return make_config(**{"method": "al", **kw}).resolved_schedule()
+    assert make_config().aug_warm_share == 0.45 and make_config().aug_parallel_share == 0.5
+    assert sched(epochs=18, stages=4, dataset="cifar10") == "serial:8,parallel:3,serial:7"
+    assert sched(epochs=18, stages=2, dataset="cifar10") == "serial:8,parallel:3,serial:7"
+    assert sched(epochs=10, stages=2, dataset="cifar10") == "serial:4,parallel:1,serial:5"     # round(4.5) = 4
+    assert sched(epochs=8, stages=2, dataset="mnist", augment="shift") == "serial:4,parallel:1,serial:3"
+    assert sched(epochs=18, stages=4, dataset="cifar10", aug_warm_share=0.0) == "serial:5,parallel:3,serial:10"
+    assert sched(epochs=18, stages=4, dataset="cifar10", augment="none") == "serial:5,parallel:5,serial:8"
+    assert sched(epochs=18, stages=2, dataset="cifar10", parallel_augment="shift") == "serial:5,parallel:5,serial:8"
+    assert sched(epochs=8, stages=2, dataset="mnist") == "serial:2,parallel:2,serial:4"        # grey: no change
+    # the larger of the two shares; the tail keeps at least one epoch
+    assert sched(epochs=18, stages=2, dataset="cifar10", warm_share=0.6) == "serial:11,parallel:3,serial:4"
+    assert sched(epochs=10, stages=2, dataset="cifar10", aug_warm_share=0.9) == "serial:7,parallel:1,serial:2"
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ConfigError, match="--aug-warm-share"):
+            make_config(method="al", epochs=8, aug_warm_share=bad)

@@ -423,13 +423,13 @@ def test_subset_options_apply_to_a_users_own_data_set():
 
 def test_augment_auto_is_resolved_from_the_images_before_the_schedule(tmp_path):
     """--augment auto on a user's RGB images means crop_flip: the trainer says so in config.json,
-    and the default schedule is the augmented one (--aug-parallel-share applies); on grey images
+    and the default schedule is the augmented one (--aug-parallel-share and --aug-warm-share apply); on grey images
     auto means none and the schedule keeps its parallel epochs."""
     import json
     t = trainer(tmp_path, cuts=(2,), schedule=None, epochs=10, augment="auto", aug_parallel_share=0.5,
                 warm_share=0.3, size=8)
     assert t.cfg.augment == "crop_flip"
-    assert t.cfg.resolved_schedule() == "serial:3,parallel:1,serial:6"
+    assert t.cfg.resolved_schedule() == "serial:4,parallel:1,serial:5"     # and --aug-warm-share 0.45
     t2 = trainer(None, cuts=(2,), schedule=None, epochs=10, augment="none", aug_parallel_share=0.5, warm_share=0.3)
     assert t2.cfg.resolved_schedule() == "serial:3,parallel:2,serial:5"
     grey = tiny_data()
@@ -445,4 +445,4 @@ def test_augment_auto_is_resolved_from_the_images_before_the_schedule(tmp_path):
     assert t3.cfg.augment == "none" and t3.cfg.resolved_schedule() == "serial:3,parallel:2,serial:5"
     t.run()
     saved = json.load(open(tmp_path / "config.json"))
-    assert saved["augment"] == "crop_flip" and saved["aug_parallel_share"] == 0.5
+    assert saved["augment"] == "crop_flip" and saved["aug_parallel_share"] == 0.5 and saved["aug_warm_share"] == 0.45
