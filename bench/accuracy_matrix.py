@@ -105,10 +105,13 @@ VARIANTS: dict[str, list[str]] = {
     # half the un-augmented parallel epochs handed to the serial tail (augmented cells, E = 10)
     "par1-e10": ["--schedule", "serial:3,parallel:1,serial:6"],
     "augshare1": ["--aug-parallel-share", "1"],      # the default schedule before round 7 (all P parallel epochs)
-    "par4-e18": ["--schedule", "serial:5,parallel:4,serial:9"],   # K = 4, E = 18: between augshare1 (5) and the default (3)
     # remedies for K = 4 on the augmented 18-epoch cell (round 7): a later phase, a stronger proximal weight
     "warm45": ["--warm-share", "0.45"],                   # serial:8,parallel:3,serial:7 at E = 18 (augmented)
     "warm45-betac12": ["--warm-share", "0.45", "--beta-c", "1.2"],
+    "augwarm55": ["--aug-warm-share", "0.55"],            # a still later phase: serial:10,parallel:3,serial:5 at E = 18
+    # the later warm start at K = 2 (measured in round 7 before --aug-warm-share was limited to K >= 3)
+    "late4p1-e10": ["--schedule", "serial:4,parallel:1,serial:5"],
+    "late8p3-e18": ["--schedule", "serial:8,parallel:3,serial:7"],
     "bf16": ["--amp", "bf16"],                                   # mixed precision (issue 15's accuracy check)
     "replicas2": ["--replicas", "2"],                            # K stages x 2 replicas, same global batch (issue 13)
 }

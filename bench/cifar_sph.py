@@ -13,7 +13,7 @@ worker processes (gloo, 1 thread each) and their wall time is real parallel time
     al-s2-shift-k{3,4}  K = 3 / 4 stages with shift views and cuts balanced by measured time, all
                   stages in one process (--transport local, 1 thread: the same parameters as K
                   processes; its wall time is serial time, not parallel time)
-    tail-only     al-s2's default schedule with its parallel epochs idle (serial:8,idle:3,serial:7
+    tail-only     al-s2's default schedule with its parallel epochs idle (serial:5,idle:3,serial:10
                   at 18 epochs on CIFAR): what the serial epochs of SPH buy alone
     al-s2-cycles  al-s2 with augmented serial epochs between parallel ones:
                   serial:1,(parallel:a,serial:1)x3,serial:R
@@ -24,8 +24,8 @@ worker processes (gloo, 1 thread each) and their wall time is real parallel time
 
 SPH runs use the library's default schedule for E epochs: serial:W,parallel:P,serial:E-W-P with
 W = round(0.3E), P = E-1-round(2E/3), and for the runs without shift views (augmented serial
-epochs, un-augmented parallel ones) P = ceil(P/2), the tail taking the rest (--aug-parallel-share),
-and W = round(0.45E) (--aug-warm-share);
+epochs, un-augmented parallel ones) P = ceil(P/2), the tail taking the rest (--aug-parallel-share; at K >= 3 also
+W = round(0.45E), --aug-warm-share);
 --tail S sets serial:1,parallel:E-1-S,serial:S for them and for tail-only (such runs are named
 NAME-tailS).
 --seed N (N != 0) names the runs NAME-seedN; "vs serial" compares them with serial-seedN.
@@ -93,8 +93,7 @@ def cycles_schedule(epochs: int) -> str:
 
 def _default_schedule(epochs: int, dataset: str = "cifar10") -> str:
     """The library's default SPH schedule for ``epochs`` on ``dataset`` (K = 2, ``--augment auto``:
-    crop_flip for CIFAR, so the un-augmented parallel phase is shortened and starts later,
-    --aug-parallel-share and --aug-warm-share)."""
+    crop_flip for CIFAR, so the un-augmented parallel phase is shortened, --aug-parallel-share)."""
     from layerpar_fast.config import make_config
     return make_config(method="al", stages=2, epochs=epochs, dataset=dataset).resolved_schedule()
 

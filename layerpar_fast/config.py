@@ -132,13 +132,14 @@ class Config:
         When the serial epochs augment and the parallel phase does not (``--parallel-augment none``),
         P becomes max(K − 1, ⌈P · aug_parallel_share⌉) and the tail takes the epochs given up: the
         parallel epochs see the images as they are, and the serial tail must make up the augmented
-        epochs they replace; and the warm start takes max(warm_share, aug_warm_share) of the epochs:
-        a later phase, at a lower learning rate, drifts less at K = 4 (the accuracy matrix, round 7,
-        docs/results.md)."""
+        epochs they replace; and with K >= 3 stages the warm start takes max(warm_share,
+        aug_warm_share) of the epochs: a later phase, at a lower learning rate, drifts less at K = 4,
+        while at K = 2 the tail needs the epochs (the accuracy matrix, round 7, docs/results.md)."""
         serial = max(1, round(epochs * self.tail_share))
         par = epochs - 1 - serial
         aug_only = self.parallel_augment == "none" and self.augments()
-        share = max(self.warm_share, self.aug_warm_share) if aug_only else self.warm_share
+        # K >= 3: the first stages get their signal late in the phase; later = lower lr = less drift
+        share = max(self.warm_share, self.aug_warm_share) if aug_only and self.stages >= 3 else self.warm_share
         warm = min(max(1, round(epochs * share)), serial)
         if self.aug_parallel_share < 1 and aug_only and par >= self.min_parallel_epochs():
             # the serial epochs augment and the parallel phase does not: its epochs are worth less

@@ -28,9 +28,8 @@ def test_default_schedules_and_names():
     assert cmd[cmd.index("--epochs") + 1] == "18" and schedule_of(cmd) is None
     assert cmd[cmd.index("--parallel-augment") + 1] == "shift" and cmd[cmd.index("--cuts") + 1] == "4"
     # the default schedule of the al-s2 run (augmented serial epochs, un-augmented parallel ones:
-    # --aug-parallel-share keeps 3 of 5 parallel epochs, --aug-warm-share starts them later) with its
-    # parallel epochs skipped
-    assert schedule_of(cifar_sph.run_command("tail-only", a, "o")) == "serial:8,idle:3,serial:7"
+    # --aug-parallel-share keeps 3 of 5 parallel epochs) with its parallel epochs skipped
+    assert schedule_of(cifar_sph.run_command("tail-only", a, "o")) == "serial:5,idle:3,serial:10"
     assert schedule_of(cifar_sph.run_command("tail-only", args(dataset="mnist"), "o")) == "serial:5,idle:5,serial:8"
     assert schedule_of(cifar_sph.run_command("al-s2-cycles", a, "o")) == "serial:1,(parallel:3,serial:1)x3,serial:5"
     assert "--cuts" not in cifar_sph.run_command("ddp", a, "o")
@@ -91,7 +90,7 @@ def test_k3_and_k4_runs_are_local_time_balanced_and_use_the_library_default_tail
         assert schedule_of(cmd) == "serial:1,parallel:9,serial:8"
         assert cifar_sph.run_key(f"al-s2-shift-k{k}", a) == f"al-s2-shift-k{k}-tail8"
     # without --tail the tail-only control is the library's default schedule with its parallel epochs skipped
-    assert schedule_of(cifar_sph.run_command("tail-only", args(), "o")) == "serial:8,idle:3,serial:7"
+    assert schedule_of(cifar_sph.run_command("tail-only", args(), "o")) == "serial:5,idle:3,serial:10"
 
 
 def test_local_k4_rows_say_serial_time_and_list_per_stage_monitors(tmp_path):

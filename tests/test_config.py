@@ -179,23 +179,26 @@ def test_aug_parallel_share_gives_unaugmented_parallel_epochs_to_the_tail():
 
 
 def test_aug_warm_share_moves_an_unaugmented_parallel_phase_later():
-    """With augmented serial epochs and an un-augmented parallel phase the warm start takes
-    max(warm_share, aug_warm_share) of the epochs (round 7: K = 4 on augmented CIFAR-10); nothing
-    changes without augmentation, with shift views in the parallel phase or with aug_warm_share 0."""
+    """With K >= 3 stages, augmented serial epochs and an un-augmented parallel phase, the warm start
+    takes max(warm_share, aug_warm_share) of the epochs (round 7: K = 4 on augmented CIFAR-10);
+    nothing changes at K = 2, without augmentation, with shift views in the parallel phase or with
+    aug_warm_share 0."""
     def sched(**kw):
         return make_config(**{"method": "al", **kw}).resolved_schedule()
     assert make_config().aug_warm_share == 0.45 and make_config().aug_parallel_share == 0.5
     assert sched(epochs=18, stages=4, dataset="cifar10") == "serial:8,parallel:3,serial:7"
-    assert sched(epochs=18, stages=2, dataset="cifar10") == "serial:8,parallel:3,serial:7"
-    assert sched(epochs=10, stages=2, dataset="cifar10") == "serial:4,parallel:1,serial:5"     # round(4.5) = 4
-    assert sched(epochs=8, stages=2, dataset="mnist", augment="shift") == "serial:4,parallel:1,serial:3"
+    assert sched(epochs=18, stages=3, dataset="cifar10") == "serial:8,parallel:3,serial:7"    # max(2, ceil(2.5))
+    assert sched(epochs=12, stages=4, dataset="cifar10") == "serial:5,parallel:3,serial:4"
+    assert sched(epochs=18, stages=2, dataset="cifar10") == "serial:5,parallel:3,serial:10"   # K = 2: the tail keeps them
+    assert sched(epochs=10, stages=2, dataset="cifar10") == "serial:3,parallel:1,serial:6"
+    assert sched(epochs=8, stages=2, dataset="mnist", augment="shift") == "serial:2,parallel:1,serial:5"
     assert sched(epochs=18, stages=4, dataset="cifar10", aug_warm_share=0.0) == "serial:5,parallel:3,serial:10"
     assert sched(epochs=18, stages=4, dataset="cifar10", augment="none") == "serial:5,parallel:5,serial:8"
-    assert sched(epochs=18, stages=2, dataset="cifar10", parallel_augment="shift") == "serial:5,parallel:5,serial:8"
-    assert sched(epochs=8, stages=2, dataset="mnist") == "serial:2,parallel:2,serial:4"        # grey: no change
+    assert sched(epochs=18, stages=4, dataset="cifar10", parallel_augment="shift") == "serial:5,parallel:5,serial:8"
+    assert sched(epochs=18, stages=4, dataset="mnist") == "serial:5,parallel:5,serial:8"      # grey: no change
     # the larger of the two shares; the tail keeps at least one epoch
-    assert sched(epochs=18, stages=2, dataset="cifar10", warm_share=0.6) == "serial:11,parallel:3,serial:4"
-    assert sched(epochs=10, stages=2, dataset="cifar10", aug_warm_share=0.9) == "serial:7,parallel:1,serial:2"
+    assert sched(epochs=18, stages=4, dataset="cifar10", warm_share=0.6) == "serial:11,parallel:3,serial:4"
+    assert sched(epochs=18, stages=4, dataset="cifar10", aug_warm_share=0.9) == "serial:12,parallel:3,serial:3"
     for bad in (-0.1, 1.0):
         with pytest.raises(ConfigError, match="--aug-warm-share"):
             make_config(method="al", epochs=8, aug_warm_share=bad)

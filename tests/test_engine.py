@@ -429,7 +429,7 @@ def test_augment_auto_is_resolved_from_the_images_before_the_schedule(tmp_path):
     t = trainer(tmp_path, cuts=(2,), schedule=None, epochs=10, augment="auto", aug_parallel_share=0.5,
                 warm_share=0.3, size=8)
     assert t.cfg.augment == "crop_flip"
-    assert t.cfg.resolved_schedule() == "serial:4,parallel:1,serial:5"     # and --aug-warm-share 0.45
+    assert t.cfg.resolved_schedule() == "serial:3,parallel:1,serial:6"     # K = 2: no later warm start
     t2 = trainer(None, cuts=(2,), schedule=None, epochs=10, augment="none", aug_parallel_share=0.5, warm_share=0.3)
     assert t2.cfg.resolved_schedule() == "serial:3,parallel:2,serial:5"
     grey = tiny_data()
