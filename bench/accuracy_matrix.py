@@ -108,10 +108,12 @@ VARIANTS: dict[str, list[str]] = {
     # remedies for K = 4 on the augmented 18-epoch cell (round 7): a later phase, a stronger proximal weight
     "warm45": ["--warm-share", "0.45"],                   # serial:8,parallel:3,serial:7 at E = 18 (augmented)
     "warm45-betac12": ["--warm-share", "0.45", "--beta-c", "1.2"],
+    "augwarm0": ["--aug-warm-share", "0"],                # round 7's first step at K >= 3 (warm start round(0.3 E))
     "augwarm55": ["--aug-warm-share", "0.55"],            # a still later phase: serial:10,parallel:3,serial:5 at E = 18
     # the later warm start at K = 2 (measured in round 7 before --aug-warm-share was limited to K >= 3)
     "late4p1-e10": ["--schedule", "serial:4,parallel:1,serial:5"],
     "late8p3-e18": ["--schedule", "serial:8,parallel:3,serial:7"],
+    "late4p1-e8": ["--schedule", "serial:4,parallel:1,serial:3"],
     "bf16": ["--amp", "bf16"],                                   # mixed precision (issue 15's accuracy check)
     "replicas2": ["--replicas", "2"],                            # K stages x 2 replicas, same global batch (issue 13)
 }
