@@ -423,8 +423,8 @@ def test_subset_options_apply_to_a_users_own_data_set():
 
 def test_augment_auto_is_resolved_from_the_images_before_the_schedule(tmp_path):
     """--augment auto on a user's RGB images means crop_flip: the trainer says so in config.json,
-    and the default schedule is the augmented one (--aug-parallel-share and --aug-warm-share apply); on grey images
-    auto means none and the schedule keeps its parallel epochs."""
+    and the default schedule is the augmented one (--aug-parallel-share applies; --aug-warm-share
+    not at K = 2); on grey images auto means none and the schedule keeps its parallel epochs."""
     import json
     t = trainer(tmp_path, cuts=(2,), schedule=None, epochs=10, augment="auto", aug_parallel_share=0.5,
                 warm_share=0.3, size=8)
