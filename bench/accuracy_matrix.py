@@ -114,6 +114,9 @@ VARIANTS: dict[str, list[str]] = {
     "late4p1-e10": ["--schedule", "serial:4,parallel:1,serial:5"],
     "late8p3-e18": ["--schedule", "serial:8,parallel:3,serial:7"],
     "late4p1-e8": ["--schedule", "serial:4,parallel:1,serial:3"],
+    # round 8, K = 4 on augmented CIFAR-10: shift views in the parallel phase, with cuts whose coarse grids move
+    # in 4-px steps (the FLOPs-balanced 3,5,8 puts the last cut on the 8x8 map, whose 4x4 grid moves in 8-px steps)
+    "pshift-c357": ["--parallel-augment", "shift", "--cuts", "3,5,7"],
     "bf16": ["--amp", "bf16"],                                   # mixed precision (issue 15's accuracy check)
     "replicas2": ["--replicas", "2"],                            # K stages x 2 replicas, same global batch (issue 13)
 }

@@ -37,6 +37,25 @@ _SEED_TAG = 7  # keeps these draws unrelated to the loader's (seed, epoch, 1, st
 _FLIP_TAG = 8
 
 
+def shift_view_cuts(cut_shapes: Sequence[tuple[int, tuple[int, int, int]]], image_hw: tuple[int, int], s: int,
+                    max_shift: int) -> list[int]:
+    """The block boundaries where a cut keeps shift views possible: those whose coarse grid (the
+    (C, H, W) activation there, downsampled by ``s``) divides the image and moves in whole cells
+    with shifts of ``max_shift`` pixels, i.e. whose image stride per coarse cell divides
+    ``max_shift``. Any set of such cuts then has a common unit (``ShiftAugment.unit_for``) of at most
+    ``max_shift``. ``cut_shapes``: (block index, (C, H, W)) pairs, e.g. ``models.cut_points``."""
+    ok = []
+    for index, (_, h, w) in cut_shapes:
+        if h % s or w % s:
+            continue
+        ch, cw = h // s, w // s
+        if image_hw[0] % ch or image_hw[1] % cw:
+            continue
+        if all(max_shift % r == 0 for r in (image_hw[0] // ch, image_hw[1] // cw)):
+            ok.append(int(index))
+    return ok
+
+
 def translate(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """``out[b, :, y, x] = x[b, :, y - d[b, 0], x - d[b, 1]]``, zero where that is outside.
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -150,14 +150,21 @@ def _check_costs(costs: Sequence[float], k: int) -> list[float]:
     return vals
 
 
-def partition(costs: Sequence[float], k: int) -> list[int]:
+def partition(costs: Sequence[float], k: int, allowed: Collection[int] | None = None) -> list[int]:
     """Cuts of the optimal contiguous partition of ``costs`` into ``k`` non-empty stages.
 
     Minimises the largest stage sum exactly (dynamic programme, O(k n^2)); among the optimal
     partitions it returns one with the smallest sum of squared stage costs (the most even one).
+    ``allowed``: the block indices a cut may sit at (None: any of 1..n-1); StagingError when no
+    partition into ``k`` stages uses only those.
     """
     vals = _check_costs(costs, k)
     n = len(vals)
+    ok = [True] * (n + 1) if allowed is None else [i in set(allowed) for i in range(n + 1)]
+    ok[0] = True                       # the start of the first stage is not a cut
+    if allowed is not None and sum(ok[1:n]) < k - 1:
+        raise StagingError(f"K={k} stages need {k - 1} cut(s), but only {sorted(set(allowed) & set(range(1, n)))} "
+                           f"of the {n} blocks' boundaries are allowed")
     prefix = [0.0]
     for c in vals:
         prefix.append(prefix[-1] + c)
@@ -171,8 +178,10 @@ def partition(costs: Sequence[float], k: int) -> list[int]:
     best[0][0] = 0.0
     for s in range(1, k + 1):
         for j in range(s, n - (k - s) + 1):
-            best[s][j] = min(max(best[s - 1][i], cost(i, j)) for i in range(s - 1, j))
+            best[s][j] = min((max(best[s - 1][i], cost(i, j)) for i in range(s - 1, j) if ok[i]), default=inf)
     bound = best[k][n]
+    if bound == inf:
+        raise StagingError(f"no partition of {n} blocks into K={k} stages cuts only at {sorted(allowed or [])}")
     # Among partitions with every stage <= bound, minimise the sum of squares.
     sq = [[inf] * (n + 1) for _ in range(k + 1)]
     arg = [[-1] * (n + 1) for _ in range(k + 1)]
@@ -181,7 +190,7 @@ def partition(costs: Sequence[float], k: int) -> list[int]:
         for j in range(s, n - (k - s) + 1):
             for i in range(s - 1, j):
                 c = cost(i, j)
-                if c <= bound and sq[s - 1][i] + c * c < sq[s][j]:
+                if ok[i] and c <= bound and sq[s - 1][i] + c * c < sq[s][j]:
                     sq[s][j], arg[s][j] = sq[s - 1][i] + c * c, i
     cuts: list[int] = []
     j = n
@@ -205,11 +214,13 @@ def _check_k(k: int, n_blocks: int) -> None:
                            f"at least one block; use K <= {n_blocks}")
 
 
-def balance_by_flops(model: nn.Sequential, k: int, input_shape: tuple[int, int, int]) -> list[int]:
-    """Cuts minimising the largest stage's forward FLOPs (``models.model_flops`` per block)."""
+def balance_by_flops(model: nn.Sequential, k: int, input_shape: tuple[int, int, int],
+                     allowed: Collection[int] | None = None) -> list[int]:
+    """Cuts minimising the largest stage's forward FLOPs (``models.model_flops`` per block), at the
+    ``allowed`` block indices only when given."""
     model = _check_sequential(model)
     _check_k(k, len(model))
-    return partition(model_flops(model, input_shape), k)
+    return partition(model_flops(model, input_shape), k, allowed)
 
 
 def _sync(device: torch.device) -> None:
@@ -265,11 +276,12 @@ def profile_times(model: nn.Sequential, sample_input: torch.Tensor, repeats: int
 
 
 def balance_by_time(model: nn.Sequential, k: int, sample_input: torch.Tensor,
-                    repeats: int = 3) -> list[int]:
-    """Cuts minimising the largest stage's measured forward+backward time (see ``profile_times``)."""
+                    repeats: int = 3, allowed: Collection[int] | None = None) -> list[int]:
+    """Cuts minimising the largest stage's measured forward+backward time (see ``profile_times``),
+    at the ``allowed`` block indices only when given."""
     model = _check_sequential(model)
     _check_k(k, len(model))
-    return partition(profile_times(model, sample_input, repeats), k)
+    return partition(profile_times(model, sample_input, repeats), k, allowed)
 
 
 def _parse_spec(spec: str | Sequence[int]) -> list[int]:
@@ -285,12 +297,14 @@ def _parse_spec(spec: str | Sequence[int]) -> list[int]:
 
 def parse_cuts(spec: str | Sequence[int] | None, model: nn.Sequential | Sequence[nn.Module],
                k: int, input_shape: tuple[int, int, int], *, balance: str = "time",
-               sample_input: torch.Tensor | None = None, batch_size: int = 32) -> list[int]:
+               sample_input: torch.Tensor | None = None, batch_size: int = 32,
+               allowed: Collection[int] | None = None) -> list[int]:
     """Validated cuts for ``k`` stages: the user's ``spec`` ('4,8' or a list) or balanced ones.
 
     With ``spec`` None: the model's natural cuts when it is a list of ``k`` stages, otherwise
     ``balance_by_time`` (on ``sample_input``, or a random batch of ``batch_size`` of
-    ``input_shape`` on the model's device) or ``balance_by_flops``.
+    ``input_shape`` on the model's device) or ``balance_by_flops``, among the ``allowed`` block
+    indices when given (StagingError when they leave no partition).
     """
     staged = as_block_sequence(model)
     n = len(staged.blocks)
@@ -307,10 +321,10 @@ def parse_cuts(spec: str | Sequence[int] | None, model: nn.Sequential | Sequence
     if staged.cuts and staged.num_stages == k:
         return list(staged.cuts)
     if balance == "flops":
-        return balance_by_flops(staged.blocks, k, input_shape)
+        return balance_by_flops(staged.blocks, k, input_shape, allowed)
     if sample_input is None:
         ref = next(iter(staged.blocks.parameters()), None)
         device = ref.device if ref is not None else torch.device("cpu")
         dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
         sample_input = torch.randn(batch_size, *input_shape, device=device, dtype=dtype)
-    return balance_by_time(staged.blocks, k, sample_input)
+    return balance_by_time(staged.blocks, k, sample_input, allowed=allowed)

@@ -28,11 +28,12 @@ import torch.nn as nn
 from . import __version__
 from .checkpoint import Checkpoints
 from .config import Config, ConfigError, ignored_options, make_config, read_run_config
-from .data import BatchLoader, Dataset, load_dataset
+from .data import _CIFAR_PAD, _MNIST_SHIFT, BatchLoader, Dataset, load_dataset
 from .evaluation import Evaluation
 from .filters import FilterPair
 from .metrics import JsonlWriter, atomic_write_json, environment
 from .models import build_model, cut_points
+from .paraug import shift_view_cuts
 from .phase_parallel import ParallelPhase, PhaseState
 from .phase_serial import SerialPhase
 from .precision import Precision
@@ -107,7 +108,8 @@ class HybridTrainer(ParallelPhase, SerialPhase, Evaluation, Checkpoints):
         self.filt = FilterPair(cfg.ds, cfg.filter)
         k = cfg.stages
         if cuts is None:
-            cuts = parse_cuts(cfg.cuts, staged, k, self.input_shape, balance=cfg.balance) if k > 1 else []
+            cuts = parse_cuts(cfg.cuts, staged, k, self.input_shape, balance=cfg.balance,
+                              allowed=self._shift_view_cuts(staged)) if k > 1 else []
         self.cuts = list(cuts)
         if cfg.cuts is None and k > 1 and cfg.balance == "time":
             # measured cuts vary from one measurement to the next: keep the ones chosen, so that
@@ -179,13 +181,42 @@ class HybridTrainer(ParallelPhase, SerialPhase, Evaluation, Checkpoints):
                                         image_size=data.x_train.shape[-1])
                 staged = as_block_sequence(model)
                 staged.blocks.to(self.device)
-                result = parse_cuts(None, staged, cfg.stages, tuple(data.x_train.shape[1:]), balance="time")
+                result = parse_cuts(None, staged, cfg.stages, tuple(data.x_train.shape[1:]), balance="time",
+                                    allowed=self._shift_view_cuts(staged))
             except Exception as e:  # every rank raises the same error
                 result = e
         result = self.topology.broadcast(result, 0)
         if isinstance(result, Exception):
             raise result
         return list(result)
+
+    def _shift_view_cuts(self, staged: StagedModel) -> list[int] | None:
+        """Where balanced cuts may go so that the parallel phase's shift views fit (None: anywhere).
+
+        Shift views move every cut's coarse grid by whole cells, so each cut's image stride per
+        coarse cell must divide the augmentation's largest shift (4 px for crop_flip): ResNet-20 at
+        K = 4 balances to cuts 3,5,8, the last on the 8x8 map whose 4x4 grid moves in 8-px steps;
+        among the allowed boundaries it gets 3,5,7 (stages within 3% of the same bottleneck).
+        Applies when the cuts are balanced (no --cuts, no stage list), a parallel phase is
+        scheduled and --parallel-augment asks for shift views (shift, shift_flip, or auto with
+        augmented serial epochs); when fewer than K − 1 boundaries qualify, the cuts stay
+        unrestricted and the parallel phase says why the views cannot work."""
+        cfg, ds = self.cfg, self.data
+        if cfg.stages < 2 or cfg.cuts is not None or staged.cuts or cfg.parallel_augment == "none" \
+                or not any(p == "parallel" for p, _ in cfg.phases()):
+            return None
+        aug = _augment_kind(cfg.augment, ds)
+        max_shift = {"crop_flip": _CIFAR_PAD, "shift": _MNIST_SHIFT}.get(aug or "", 0)
+        if max_shift == 0:
+            return None
+        shapes = [(c.index, c.shape) for c in cut_points(staged.blocks, tuple(ds.x_train.shape[1:]))]
+        allowed = shift_view_cuts(shapes, tuple(ds.x_train.shape[-2:]), cfg.ds, max_shift)
+        if len(allowed) < cfg.stages - 1:
+            return None
+        if len(allowed) < len(shapes):
+            self.log(f"cuts balanced among block boundaries {_ranges(allowed)}: there the coarse grids move in "
+                     f"whole cells with the {max_shift}-px shift views of --parallel-augment {cfg.parallel_augment}")
+        return allowed
 
     def close(self) -> None:
         """Release the topology's resources (receive threads of a distributed run)."""
@@ -387,6 +418,17 @@ def _pick_device(cfg: Config) -> torch.device:
         raise ConfigError(f"--device cuda, but torch sees no CUDA device ({build}{seen}); "
                           "use --device cpu or auto")
     return torch.device("cpu")
+
+
+def _ranges(xs: list[int]) -> str:
+    """[1, 2, 3, 5, 7, 8] -> '1-3, 5, 7-8'."""
+    out: list[str] = []
+    for x in sorted(xs):
+        if out and x == int(out[-1].rpartition("-")[2]) + 1:
+            out[-1] = f"{out[-1].partition('-')[0]}-{x}"
+        else:
+            out.append(str(x))
+    return ", ".join(out)
 
 
 def _augment_kind(augment: str, ds: Dataset) -> str | None:

@@ -266,3 +266,44 @@ def test_auto_views_follow_the_serial_augmentation():
     assert any("without shift views" in m and "steps of 8 px" in m for m in logs)
     with pytest.raises(ConfigError, match="steps of 8 px"):      # asked for explicitly: refused
         _shift_trainer(ds=8, cuts=(2,))
+
+
+def test_shift_view_cuts_keep_the_grids_within_the_largest_shift():
+    """A boundary qualifies when its coarse grid's image stride divides the largest shift."""
+    from layerpar_fast.models import build_model, cut_points
+    from layerpar_fast.paraug import shift_view_cuts
+    pts = [(c.index, c.shape) for c in cut_points(build_model("resnet20"), (3, 32, 32))]
+    assert shift_view_cuts(pts, (32, 32), 2, 4) == list(range(1, 8))    # 32x32 and 16x16 maps
+    assert shift_view_cuts(pts, (32, 32), 1, 4) == list(range(1, 11))   # every map at s = 1
+    assert shift_view_cuts(pts, (32, 32), 2, 2) == list(range(1, 5))    # 2-px shifts: the 32x32 maps only
+    assert shift_view_cuts(pts, (32, 32), 8, 4) == []
+    assert shift_view_cuts([(1, (4, 6, 6))], (24, 24), 2, 4) == []       # a 3x3 grid: stride 8
+    assert shift_view_cuts([(1, (4, 6, 6))], (24, 24), 4, 4) == []       # 4 does not divide 6
+
+
+def _resnet20_trainer(**kw):
+    from test_engine import tiny_data
+    from layerpar_fast.config import make_config
+    from layerpar_fast.trainer import HybridTrainer
+    base = dict(method="al", model="resnet20", stages=4, ds=2, balance="flops", augment="crop_flip",
+                schedule="serial:1,parallel:3,serial:1", progress=False, threads=1)
+    log = kw.pop("log", lambda m: None)
+    base.update(kw)
+    return HybridTrainer(make_config(**base), None, data=tiny_data(size=32), log=log)
+
+
+def test_balanced_cuts_leave_room_for_shift_views():
+    """ResNet-20 at K = 4 balances to cuts 3,5,8, the last on the 8x8 map (a 4x4 grid: 8-px steps);
+    with shift views asked for, the balanced cuts are chosen where the grids move in 4-px steps,
+    and the views work; without them, or with cuts given, nothing changes."""
+    logs = []
+    tr = _resnet20_trainer(parallel_augment="shift", log=logs.append)
+    assert tr.cuts == [3, 5, 7] and tr.shift_aug is not None and tr.shift_aug.unit == 4
+    assert any("block boundaries 1-7" in m and "4-px shift views" in m for m in logs)
+    assert _resnet20_trainer(parallel_augment="auto").cuts == [3, 5, 7]
+    assert _resnet20_trainer(parallel_augment="none").cuts == [3, 5, 8]
+    assert _resnet20_trainer(parallel_augment="auto", augment="none").cuts == [3, 5, 8]
+    assert _resnet20_trainer(parallel_augment="shift", schedule="serial:5").cuts == [3, 5, 8]   # no parallel phase
+    with pytest.raises(ConfigError, match="steps of 8 px"):      # cuts given: the user's, refused as before
+        _resnet20_trainer(parallel_augment="shift", cuts="3,5,8")
+    assert _resnet20_trainer(parallel_augment="shift", augment="shift").cuts[-1] <= 4   # 2-px shifts: 32x32 maps

@@ -69,10 +69,10 @@ def test_stage_of_blocks_and_costs() -> None:
     assert stage_costs([1, 2, 3, 4], [1, 3]) == [1.0, 5.0, 4.0]
 
 
-def _brute_force(costs: list[float], k: int) -> float:
+def _brute_force(costs: list[float], k: int, allowed=None) -> float:
     n = len(costs)
     best = float("inf")
-    for cuts in itertools.combinations(range(1, n), k - 1):
+    for cuts in itertools.combinations(range(1, n) if allowed is None else sorted(allowed), k - 1):
         bounds = [0, *cuts, n]
         best = min(best, max(sum(costs[a:b]) for a, b in zip(bounds, bounds[1:])))
     return best
@@ -88,6 +88,27 @@ def test_partition_is_optimal_against_brute_force() -> None:
         assert len(cuts) == k - 1 and all(1 <= c < n for c in cuts)
         assert cuts == sorted(set(cuts))
         assert max(stage_costs(costs, cuts)) == pytest.approx(_brute_force(costs, k))
+
+
+def test_partition_with_allowed_cuts_is_optimal_among_them() -> None:
+    """``allowed`` restricts where cuts may sit; the result is the best partition that uses only
+    those (brute force), and allowing every boundary is the unrestricted partition."""
+    rng = random.Random(1)
+    for _ in range(300):
+        n = rng.randint(2, 9)
+        k = rng.randint(1, n)
+        allowed = sorted(rng.sample(range(1, n), rng.randint(k - 1, n - 1)))
+        costs = [rng.choice([0.0, rng.random(), float(rng.randint(1, 5))]) for _ in range(n)]
+        cuts = partition(costs, k, allowed)
+        assert len(cuts) == k - 1 and set(cuts) <= set(allowed) and cuts == sorted(set(cuts))
+        assert max(stage_costs(costs, cuts)) == pytest.approx(_brute_force(costs, k, allowed))
+        assert partition(costs, k, range(1, n)) == partition(costs, k)
+    # ResNet-20-like: nine equal blocks between a light stem and head; the boundary after block 7 is the last allowed
+    costs = [0.2] + [1.0] * 9 + [0.1]
+    assert partition(costs, 4) == [3, 5, 8]
+    assert partition(costs, 4, range(1, 8)) == [3, 5, 7]
+    with pytest.raises(StagingError, match="need 3 cut"):
+        partition(costs, 4, [1, 2])
 
 
 def test_partition_prefers_even_split_among_optima() -> None:
