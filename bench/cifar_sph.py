@@ -13,6 +13,8 @@ worker processes (gloo, 1 thread each) and their wall time is real parallel time
     al-s2-shift-k{3,4}  K = 3 / 4 stages with shift views and cuts balanced by measured time, all
                   stages in one process (--transport local, 1 thread: the same parameters as K
                   processes; its wall time is serial time, not parallel time)
+    sph-k{3,4}    K = 3 / 4 stages with every SPH option at the library's default (its schedule,
+                  no shift views, FLOPs-balanced cuts), in one process like al-s2-shift-k{3,4}
     tail-only     al-s2's default schedule with its parallel epochs idle (serial:5,idle:3,serial:10
                   at 18 epochs on CIFAR): what the serial epochs of SPH buy alone
     al-s2-cycles  al-s2 with augmented serial epochs between parallel ones:
@@ -77,6 +79,9 @@ RUNS: dict[str, list[str]] = {
                        "--parallel-augment", "shift", "--balance", "time", "--transport", "local"],
     "al-s2-shift-k4": ["--method", "al", "--stages", "4", "--ds", "2", "--threads", "1",
                        "--parallel-augment", "shift", "--balance", "time", "--transport", "local"],
+    # the library's defaults at K = 3 / 4 (its schedule, no shift views, FLOPs-balanced cuts), one process
+    "sph-k3": ["--method", "al", "--stages", "3", "--threads", "1", "--transport", "local"],
+    "sph-k4": ["--method", "al", "--stages", "4", "--threads", "1", "--transport", "local"],
 }
 
 

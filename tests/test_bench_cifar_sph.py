@@ -93,6 +93,17 @@ def test_k3_and_k4_runs_are_local_time_balanced_and_use_the_library_default_tail
     assert schedule_of(cifar_sph.run_command("tail-only", args(), "o")) == "serial:5,idle:3,serial:10"
 
 
+def test_sph_k3_and_k4_runs_are_the_library_defaults_in_one_process():
+    from layerpar_fast.cli import _build_parser, _train_config
+    for k in (3, 4):
+        cmd = cifar_sph.run_command(f"sph-k{k}", args(), "o")
+        assert cmd[cmd.index("--stages") + 1] == str(k) and cmd[cmd.index("--transport") + 1] == "local"
+        assert not {"--schedule", "--cuts", "--balance", "--parallel-augment", "--ds"} & set(cmd)
+        cfg = _train_config(_build_parser().parse_args(cmd[cmd.index("train"):]))[0]
+        assert cfg.resolved_schedule() == "serial:8,parallel:3,serial:7"     # --aug-warm-share at K >= 3
+        assert cifar_sph.run_key(f"sph-k{k}", args(seed=1)) == f"sph-k{k}-seed1"
+
+
 def test_local_k4_rows_say_serial_time_and_list_per_stage_monitors(tmp_path):
     par = {"phase": "parallel", "test_acc": 0.5, "probe_cosine": [-0.1, 0.2, 0.5], "violation": [0.01, 0.02, 0.3]}
     results = {"serial": {"schedule": "s", "stages": 1, "ds": 1, "wall_time_s": 60.0, "full_test_acc": 0.80},
