@@ -41,12 +41,12 @@ from layerpar_fast.metrics import atomic_write_json, environment  # noqa: E402
 CELLS: dict[str, dict[str, Any]] = {}
 
 
-def _cell(name: str, dataset: str, size: str, augment: str, epochs: int) -> None:
+def _cell(name: str, dataset: str, size: str, augment: str, epochs: int, model: str | None = None) -> None:
     mnist = dataset == "mnist"
     CELLS[name] = {
         "dataset": dataset, "train_size": size, "epochs": epochs,
         "augment": augment,            # as --augment: none, or the data set's own (shift / crop_flip)
-        "model": "mnist_resnet" if mnist else "resnet20",
+        "model": model or ("mnist_resnet" if mnist else "resnet20"),
         "lr": 0.05 if mnist else 0.1,
         "subset": 10000 if size == "10k" else None,
     }
@@ -60,13 +60,18 @@ for _size in ("10k", "full"):
         for _e in (10, 18):
             _cell(f"cifar10-{_size}-{'aug' if _aug != 'none' else 'noaug'}-e{_e}", "cifar10", _size, _aug, _e)
 
+# a deeper network (27 blocks: K = 4 cuts nearly evenly), on the subset only (issue 13)
+for _aug in ("none", "crop_flip"):
+    _cell(f"cifar10-10k-{'aug' if _aug != 'none' else 'noaug'}-e18-resnet56", "cifar10", "10k", _aug, 18, "resnet56")
+
 # groups of cells, cheapest first: "quick" exposes the gaps (short budgets, no augmentation,
 # small training sets) in minutes per run
 GROUPS = {
     "quick": ["mnist-10k-noaug-e4", "mnist-10k-noaug-e8", "cifar10-10k-noaug-e10", "mnist-10k-noaug-e12",
               "cifar10-10k-aug-e10"],
     "mnist": [c for c in CELLS if c.startswith("mnist")],
-    "cifar10": [c for c in CELLS if c.startswith("cifar10")],
+    "cifar10": [c for c in CELLS if c.startswith("cifar10") and CELLS[c]["model"] == "resnet20"],
+    "resnet56": [c for c in CELLS if CELLS[c]["model"] == "resnet56"],
     "all": list(CELLS),
 }
 
@@ -333,7 +338,7 @@ def matrix(results: dict[str, Any], variant: str) -> list[dict[str, Any]]:
             mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
             gaps = [b["test_acc"] - a["test_acc"] for a, b in zip(ser, sph)]
             rows.append({
-                "dataset": c["dataset"], "cell": cell, "train_size": c["train_size"],
+                "dataset": c["dataset"], "cell": cell, "model": c["model"], "train_size": c["train_size"],
                 "augment": c["augment"] != "none", "epochs": c["epochs"], "K": k, "variant": variant,
                 "seeds": seeds, "serial_acc": round(mean([r["test_acc"] for r in ser]), 3),
                 "sph_acc": round(mean([r["test_acc"] for r in sph]), 3), "gap": round(mean(gaps), 3),

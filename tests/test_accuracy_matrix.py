@@ -1,4 +1,5 @@
 """bench/accuracy_matrix.py: cells, the matrix rows from per-run results, the report files."""
+import argparse
 import json
 import os
 import sys
@@ -22,6 +23,13 @@ def test_cells_cover_the_issue_matrix():
                     assert f"{ds}-{size}-{aug}-e{e}" in am.CELLS
     assert am.CELLS["mnist-10k-noaug-e4"]["subset"] == 10000 and am.CELLS["cifar10-full-aug-e18"]["subset"] is None
     assert am._cells("quick")[0] == "mnist-10k-noaug-e4"
+    # ResNet-56 cells: their own group, not in "cifar10"; the command trains resnet56
+    assert am._cells("resnet56") == ["cifar10-10k-noaug-e18-resnet56", "cifar10-10k-aug-e18-resnet56"]
+    assert not set(am._cells("resnet56")) & set(am._cells("cifar10"))
+    a = argparse.Namespace(data_dir="d", test_subset=2000, threads=1)
+    cmd = am.train_command("cifar10-10k-aug-e18-resnet56", "default", 4, 0, a, "o")
+    assert cmd[cmd.index("--model") + 1] == "resnet56" and cmd[cmd.index("--subset") + 1] == "10000"
+    assert am.resolved_schedule(cmd) == "serial:8,parallel:3,serial:7"
 
 
 def test_matrix_rows_average_seeds_and_compute_the_gap(tmp_path):
