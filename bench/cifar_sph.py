@@ -27,7 +27,7 @@ worker processes (gloo, 1 thread each) and their wall time is real parallel time
 SPH runs use the library's default schedule for E epochs: serial:W,parallel:P,serial:E-W-P with
 W = round(0.3E), P = E-1-round(2E/3), and for the runs without shift views (augmented serial
 epochs, un-augmented parallel ones) P = ceil(P/2), the tail taking the rest (--aug-parallel-share;
-at K >= 3 also W = round(0.45E), --aug-warm-share); --tail S sets serial:1,parallel:E-1-S,serial:S
+at K >= 3 also W = round(0.65E), at most E-2P, --aug-warm-share); --tail S sets serial:1,parallel:E-1-S,serial:S
 for them and for tail-only (such runs are named NAME-tailS).
 --seed N (N != 0) names the runs NAME-seedN; "vs serial" compares them with serial-seedN.
 --set KEY=VALUE passes an option to every selected run and names them NAME-KEYVALUE.

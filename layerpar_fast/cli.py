@@ -39,9 +39,9 @@ _TRAIN_OPTIONS: dict[str, tuple[Any, str]] = {
                                   "the default schedule keeps this share of its parallel epochs, ceil(P x share), at "
                                   "least K-1, and gives the rest to the serial tail (1: no change)"),
     "aug_warm_share": (float, "with K >= 3 stages, when the serial epochs augment and the parallel phase does not, the "
-                              "default schedule's warm start takes max(--warm-share, this) of the epochs: the phase "
-                              "runs later (default 0.45: serial:8,parallel:3,serial:7 at 18 epochs, K = 4, on CIFAR; "
-                              "0: no change)"),
+                              "default schedule's warm start takes max(--warm-share, this) of the epochs, leaving a "
+                              "tail at least as long as the phase: the phase runs later (default 0.65: "
+                              "serial:12,parallel:3,serial:3 at 18 epochs, K = 4, on CIFAR; 0: no change)"),
     "schedule": (str, "phases, e.g. serial:1,parallel:5,serial:2 or (parallel:2,serial:1)x3"),
     "batch_size": (int, "mini-batch size (the global batch size of every phase)"),
     "eval_batch_size": (int, "evaluation batch size"),

@@ -55,7 +55,7 @@ class Config:
     tail_share: float = 2 / 3
     warm_share: float = 0.3
     aug_parallel_share: float = 0.5
-    aug_warm_share: float = 0.45
+    aug_warm_share: float = 0.65
     switch_drift: float | None = None
     # optimisation
     batch_size: int = 128
@@ -133,8 +133,9 @@ class Config:
         P becomes max(K − 1, ⌈P · aug_parallel_share⌉) and the tail takes the epochs given up: the
         parallel epochs see the images as they are, and the serial tail must make up the augmented
         epochs they replace; and with K >= 3 stages the warm start takes max(warm_share,
-        aug_warm_share) of the epochs: a later phase, at a lower learning rate, drifts less at K = 4,
-        while at K = 2 the tail needs the epochs (the accuracy matrix, round 7, docs/results.md)."""
+        aug_warm_share) of the epochs, as long as the tail keeps at least P epochs: a later phase, at a
+        lower learning rate, drifts less at K = 4, while at K = 2 the tail needs the epochs (the
+        accuracy matrix, rounds 7 and 8, docs/results.md)."""
         serial = max(1, round(epochs * self.tail_share))
         par = epochs - 1 - serial
         aug_only = self.parallel_augment == "none" and self.augments()
@@ -144,6 +145,8 @@ class Config:
         if self.aug_parallel_share < 1 and aug_only and par >= self.min_parallel_epochs():
             # the serial epochs augment and the parallel phase does not: its epochs are worth less
             par = max(self.min_parallel_epochs(), math.ceil(par * self.aug_parallel_share - 1e-9))
+        if aug_only and self.stages >= 3 and par > 0:
+            warm = max(1, min(warm, epochs - 2 * par))      # a tail at least as long as the phase
         return warm, par, epochs - warm - par
 
     def augments(self) -> bool:

@@ -29,7 +29,7 @@ def test_cells_cover_the_issue_matrix():
     a = argparse.Namespace(data_dir="d", test_subset=2000, threads=1)
     cmd = am.train_command("cifar10-10k-aug-e18-resnet56", "default", 4, 0, a, "o")
     assert cmd[cmd.index("--model") + 1] == "resnet56" and cmd[cmd.index("--subset") + 1] == "10000"
-    assert am.resolved_schedule(cmd) == "serial:8,parallel:3,serial:7"
+    assert am.resolved_schedule(cmd) == "serial:12,parallel:3,serial:3"
 
 
 def test_matrix_rows_average_seeds_and_compute_the_gap(tmp_path):

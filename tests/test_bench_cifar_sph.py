@@ -100,7 +100,7 @@ def test_sph_k3_and_k4_runs_are_the_library_defaults_in_one_process():
         assert cmd[cmd.index("--stages") + 1] == str(k) and cmd[cmd.index("--transport") + 1] == "local"
         assert not {"--schedule", "--cuts", "--balance", "--parallel-augment", "--ds"} & set(cmd)
         cfg = _train_config(_build_parser().parse_args(cmd[cmd.index("train"):]))[0]
-        assert cfg.resolved_schedule() == "serial:8,parallel:3,serial:7"     # --aug-warm-share at K >= 3
+        assert cfg.resolved_schedule() == "serial:12,parallel:3,serial:3"     # --aug-warm-share at K >= 3
         assert cifar_sph.run_key(f"sph-k{k}", args(seed=1)) == f"sph-k{k}-seed1"
 
 

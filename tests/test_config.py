@@ -180,25 +180,31 @@ def test_aug_parallel_share_gives_unaugmented_parallel_epochs_to_the_tail():
 
 def test_aug_warm_share_moves_an_unaugmented_parallel_phase_later():
     """With K >= 3 stages, augmented serial epochs and an un-augmented parallel phase, the warm start
-    takes max(warm_share, aug_warm_share) of the epochs (round 7: K = 4 on augmented CIFAR-10);
-    nothing changes at K = 2, without augmentation, with shift views in the parallel phase or with
-    aug_warm_share 0."""
+    takes max(warm_share, aug_warm_share) of the epochs, leaving a tail at least as long as the phase
+    (rounds 7 and 8: K = 4 on augmented CIFAR-10); nothing changes at K = 2, without augmentation,
+    with shift views in the parallel phase or with aug_warm_share 0."""
     def sched(**kw):
         return make_config(**{"method": "al", **kw}).resolved_schedule()
-    assert make_config().aug_warm_share == 0.45 and make_config().aug_parallel_share == 0.5
-    assert sched(epochs=18, stages=4, dataset="cifar10") == "serial:8,parallel:3,serial:7"
-    assert sched(epochs=18, stages=3, dataset="cifar10") == "serial:8,parallel:3,serial:7"    # max(2, ceil(2.5))
-    assert sched(epochs=12, stages=4, dataset="cifar10") == "serial:5,parallel:3,serial:4"
+    assert make_config().aug_warm_share == 0.65 and make_config().aug_parallel_share == 0.5
+    assert sched(epochs=18, stages=4, dataset="cifar10") == "serial:12,parallel:3,serial:3"
+    assert sched(epochs=18, stages=3, dataset="cifar10") == "serial:12,parallel:3,serial:3"  # max(2, ceil(2.5))
+    assert sched(epochs=30, stages=4, dataset="cifar10") == "serial:20,parallel:5,serial:5"
+    # round(0.65 * 12) = 8 would leave a 1-epoch tail after a 3-epoch phase: the tail keeps 3
+    assert sched(epochs=12, stages=4, dataset="cifar10") == "serial:6,parallel:3,serial:3"
+    assert sched(epochs=10, stages=4, dataset="cifar10") == "serial:10"                    # no phase of K - 1 epochs
     assert sched(epochs=18, stages=2, dataset="cifar10") == "serial:5,parallel:3,serial:10"   # K = 2: the tail keeps them
     assert sched(epochs=10, stages=2, dataset="cifar10") == "serial:3,parallel:1,serial:6"
     assert sched(epochs=8, stages=2, dataset="mnist", augment="shift") == "serial:2,parallel:1,serial:5"
     assert sched(epochs=18, stages=4, dataset="cifar10", aug_warm_share=0.0) == "serial:5,parallel:3,serial:10"
+    assert sched(epochs=18, stages=4, dataset="cifar10", aug_warm_share=0.45) == "serial:8,parallel:3,serial:7"
     assert sched(epochs=18, stages=4, dataset="cifar10", augment="none") == "serial:5,parallel:5,serial:8"
     assert sched(epochs=18, stages=4, dataset="cifar10", parallel_augment="shift") == "serial:5,parallel:5,serial:8"
     assert sched(epochs=18, stages=4, dataset="mnist") == "serial:5,parallel:5,serial:8"      # grey: no change
-    # the larger of the two shares; the tail keeps at least one epoch
-    assert sched(epochs=18, stages=4, dataset="cifar10", warm_share=0.6) == "serial:11,parallel:3,serial:4"
+    # the larger of the two shares, within both limits (the tail keeps the phase's length)
+    assert sched(epochs=18, stages=4, dataset="cifar10", warm_share=0.6, aug_warm_share=0.0) == \
+        "serial:11,parallel:3,serial:4"
     assert sched(epochs=18, stages=4, dataset="cifar10", aug_warm_share=0.9) == "serial:12,parallel:3,serial:3"
+    assert sched(epochs=18, stages=4, dataset="cifar10", aug_parallel_share=1.0) == "serial:8,parallel:5,serial:5"
     for bad in (-0.1, 1.0):
         with pytest.raises(ConfigError, match="--aug-warm-share"):
             make_config(method="al", epochs=8, aug_warm_share=bad)

@@ -445,4 +445,4 @@ def test_augment_auto_is_resolved_from_the_images_before_the_schedule(tmp_path):
     assert t3.cfg.augment == "none" and t3.cfg.resolved_schedule() == "serial:3,parallel:2,serial:5"
     t.run()
     saved = json.load(open(tmp_path / "config.json"))
-    assert saved["augment"] == "crop_flip" and saved["aug_parallel_share"] == 0.5 and saved["aug_warm_share"] == 0.45
+    assert saved["augment"] == "crop_flip" and saved["aug_parallel_share"] == 0.5 and saved["aug_warm_share"] == 0.65
