@@ -361,7 +361,7 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
         with open(carry) as f:
             old = json.load(f)
         have = {(r["cell"], r["K"]) for r in main}
-        main += [dict(r, carried_from=os.path.basename(carry)) for r in old
+        main += [dict(r, carried_from=r.get("carried_from") or os.path.basename(carry)) for r in old
                  if r.get("variant", "default") == variants[0] and (r["cell"], r["K"]) not in have]
         main.sort(key=lambda r: (list(CELLS).index(r["cell"]), r["K"]))
     if not any(tables.values()):

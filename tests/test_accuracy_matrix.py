@@ -60,14 +60,20 @@ def test_report_carries_rows_of_cells_it_did_not_run(tmp_path):
            {"cell": "cifar10-10k-noaug-e10", "K": 2, "variant": "default", "dataset": "cifar10", "seeds": [0],
             "serial_acc": 65.0, "sph_acc": 66.0, "gap": 1.0, "gap_per_seed": [1.0], "parallel_share": 0.2,
             "schedule": "serial:1,parallel:2,serial:7", "wall_s": 1.0, "serial_wall_s": 2.0},
-           {"cell": "cifar10-10k-noaug-e10", "K": 4, "variant": "tail50", "gap": -2.7}]       # another variant: not
+           {"cell": "cifar10-10k-noaug-e10", "K": 4, "variant": "tail50", "gap": -2.7},       # another variant: not
+           {"cell": "mnist-10k-noaug-e8", "K": 2, "variant": "default", "dataset": "mnist", "seeds": [0],
+            "serial_acc": 98.0, "sph_acc": 97.9, "gap": -0.1, "gap_per_seed": [-0.1], "parallel_share": 0.25,
+            "schedule": "serial:2,parallel:2,serial:4", "wall_s": 1.0, "serial_wall_s": 2.0,
+            "carried_from": "older.json"}]                                                 # carried twice: its origin
     (tmp_path / "old.json").write_text(json.dumps(old))
     args = type("A", (), dict(variants="default", json=str(tmp_path / "m.json"), md=str(tmp_path / "m.md"),
                               png=str(tmp_path / "m.png"), carry=str(tmp_path / "old.json")))()
     am.report(res, args)
     rows = json.load(open(tmp_path / "m.json"))
-    assert [(r["cell"], r["K"]) for r in rows] == [("mnist-10k-noaug-e4", 4), ("cifar10-10k-noaug-e10", 2)]
-    assert rows[0]["gap"] == -0.2 and "carried_from" not in rows[0] and rows[1]["carried_from"] == "old.json"
+    assert [(r["cell"], r["K"]) for r in rows] == [("mnist-10k-noaug-e4", 4), ("mnist-10k-noaug-e8", 2),
+                                                   ("cifar10-10k-noaug-e10", 2)]
+    assert rows[0]["gap"] == -0.2 and "carried_from" not in rows[0] and rows[2]["carried_from"] == "old.json"
+    assert rows[1]["carried_from"] == "older.json"
     md = open(tmp_path / "m.md").read()
     assert "cifar10-10k-noaug-e10 † | 2 |" in md and "carried over from old.json" in md
 
