@@ -115,6 +115,7 @@ VARIANTS: dict[str, list[str]] = {
     "warm45-betac12": ["--warm-share", "0.45", "--beta-c", "1.2"],
     "augwarm0": ["--aug-warm-share", "0"],                # round 7's first step at K >= 3 (warm start round(0.3 E))
     "augwarm55": ["--aug-warm-share", "0.55"],            # a still later phase: serial:10,parallel:3,serial:5 at E = 18
+    "augwarm45": ["--aug-warm-share", "0.45"],            # round 7's default (serial:8,parallel:3,serial:7 at E = 18)
     "augwarm65": ["--aug-warm-share", "0.65"],            # later again: serial:12,parallel:3,serial:3 at E = 18
     # the later warm start at K = 2 (measured in round 7 before --aug-warm-share was limited to K >= 3)
     "late4p1-e10": ["--schedule", "serial:4,parallel:1,serial:5"],
