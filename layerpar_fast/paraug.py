@@ -31,27 +31,33 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .data import _derive_seed
+from .data import _CIFAR_PAD, _MNIST_SHIFT, _derive_seed
+from .filters import FilterPair
 
 _SEED_TAG = 7  # keeps these draws unrelated to the loader's (seed, epoch, 1, step) generator
 _FLIP_TAG = 8
 
 
-def shift_view_cuts(cut_shapes: Sequence[tuple[int, tuple[int, int, int]]], image_hw: tuple[int, int], s: int,
-                    max_shift: int) -> list[int]:
+def largest_shift(augment: str | None) -> int:
+    """The largest pixel shift of a serial augmentation, which bounds the parallel phase's shift
+    views: 4 for crop_flip (its padding), 2 for MNIST's shift, 0 for none."""
+    return {"crop_flip": _CIFAR_PAD, "shift": _MNIST_SHIFT}.get(augment or "", 0)
+
+
+def shift_view_cuts(cut_shapes: Sequence[tuple[int, tuple[int, int, int]]], image_hw: tuple[int, int],
+                    filt: FilterPair, max_shift: int) -> list[int]:
     """The block boundaries where a cut keeps shift views possible: those whose coarse grid (the
-    (C, H, W) activation there, downsampled by ``s``) divides the image and moves in whole cells
-    with shifts of ``max_shift`` pixels, i.e. whose image stride per coarse cell divides
-    ``max_shift``. Any set of such cuts then has a common unit (``ShiftAugment.unit_for``) of at most
-    ``max_shift``. ``cut_shapes``: (block index, (C, H, W)) pairs, e.g. ``models.cut_points``."""
+    (C, H, W) activation there, downsampled by ``filt``) divides the image and moves in whole cells
+    with shifts of ``max_shift`` pixels, i.e. whose unit (``ShiftAugment.unit_for``) divides
+    ``max_shift``. Any set of such cuts then has a common unit of at most ``max_shift``.
+    ``cut_shapes``: (block index, (C, H, W)) pairs, e.g. ``models.cut_points``."""
     ok = []
-    for index, (_, h, w) in cut_shapes:
-        if h % s or w % s:
+    for index, shape in cut_shapes:
+        try:
+            unit = ShiftAugment.unit_for(image_hw, [filt.coarse_shape(shape)[-2:]])
+        except ValueError:             # s does not divide the map (FilterError), or the grid the image (unit_for)
             continue
-        ch, cw = h // s, w // s
-        if image_hw[0] % ch or image_hw[1] % cw:
-            continue
-        if all(max_shift % r == 0 for r in (image_hw[0] // ch, image_hw[1] // cw)):
+        if max_shift % unit == 0:
             ok.append(int(index))
     return ok
 

@@ -16,10 +16,10 @@ from . import devsync, ops
 from .auxstore import TensorAuxStore
 from .hoststore import HostAuxStore, pinning_available
 from .config import ConfigError
-from .data import _CIFAR_PAD, _MNIST_SHIFT, _affine
+from .data import _affine
 from .metrics import speedup_model
 from .monitors import cosine, estimate_kappa, frozen_bn_stats, param_norm
-from .paraug import FlipViews, ShiftAugment
+from .paraug import FlipViews, ShiftAugment, largest_shift
 from .progress import _bar, _bar_close, _bar_step, _bar_update
 from .replicas import OffsetAuxStore, block_rows, replica_batches, share_of
 from .worker import StageWorker, WorkerSettings
@@ -155,7 +155,7 @@ class ParallelPhase:
     def _shift_augment(self) -> ShiftAugment | None:
         """The parallel phase's shift views (paraug.py), or a ConfigError when they cannot work."""
         ds, cfg = self.data, self.cfg
-        max_shift = {"crop_flip": _CIFAR_PAD, "shift": _MNIST_SHIFT}.get(self.aug or "", 0)
+        max_shift = largest_shift(self.aug)
         if max_shift == 0:
             raise ConfigError(f"--parallel-augment {cfg.parallel_augment} takes its largest shift from the serial "
                               "augmentation (4 px for crop_flip, 2 px for shift), but --augment is none")

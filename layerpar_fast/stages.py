@@ -160,11 +160,11 @@ def partition(costs: Sequence[float], k: int, allowed: Collection[int] | None = 
     """
     vals = _check_costs(costs, k)
     n = len(vals)
-    ok = [True] * (n + 1) if allowed is None else [i in set(allowed) for i in range(n + 1)]
-    ok[0] = True                       # the start of the first stage is not a cut
-    if allowed is not None and sum(ok[1:n]) < k - 1:
-        raise StagingError(f"K={k} stages need {k - 1} cut(s), but only {sorted(set(allowed) & set(range(1, n)))} "
+    allowed_set = set(range(1, n)) if allowed is None else set(allowed) & set(range(1, n))
+    if len(allowed_set) < k - 1:       # with k - 1 of them any choice is a partition: none is infeasible below
+        raise StagingError(f"K={k} stages need {k - 1} cut(s), but only {sorted(allowed_set)} "
                            f"of the {n} blocks' boundaries are allowed")
+    ok = [i == 0 or i in allowed_set for i in range(n + 1)]      # the start of the first stage is not a cut
     prefix = [0.0]
     for c in vals:
         prefix.append(prefix[-1] + c)
@@ -180,8 +180,6 @@ def partition(costs: Sequence[float], k: int, allowed: Collection[int] | None = 
         for j in range(s, n - (k - s) + 1):
             best[s][j] = min((max(best[s - 1][i], cost(i, j)) for i in range(s - 1, j) if ok[i]), default=inf)
     bound = best[k][n]
-    if bound == inf:
-        raise StagingError(f"no partition of {n} blocks into K={k} stages cuts only at {sorted(allowed or [])}")
     # Among partitions with every stage <= bound, minimise the sum of squares.
     sq = [[inf] * (n + 1) for _ in range(k + 1)]
     arg = [[-1] * (n + 1) for _ in range(k + 1)]

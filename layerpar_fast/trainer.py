@@ -28,12 +28,12 @@ import torch.nn as nn
 from . import __version__
 from .checkpoint import Checkpoints
 from .config import Config, ConfigError, ignored_options, make_config, read_run_config
-from .data import _CIFAR_PAD, _MNIST_SHIFT, BatchLoader, Dataset, load_dataset
+from .data import BatchLoader, Dataset, load_dataset
 from .evaluation import Evaluation
 from .filters import FilterPair
 from .metrics import JsonlWriter, atomic_write_json, environment
 from .models import build_model, cut_points
-from .paraug import shift_view_cuts
+from .paraug import largest_shift, shift_view_cuts
 from .phase_parallel import ParallelPhase, PhaseState
 from .phase_serial import SerialPhase
 from .precision import Precision
@@ -205,12 +205,11 @@ class HybridTrainer(ParallelPhase, SerialPhase, Evaluation, Checkpoints):
         if cfg.stages < 2 or cfg.cuts is not None or staged.cuts or cfg.parallel_augment == "none" \
                 or not any(p == "parallel" for p, _ in cfg.phases()):
             return None
-        aug = _augment_kind(cfg.augment, ds)
-        max_shift = {"crop_flip": _CIFAR_PAD, "shift": _MNIST_SHIFT}.get(aug or "", 0)
+        max_shift = largest_shift(_augment_kind(cfg.augment, ds))
         if max_shift == 0:
             return None
         shapes = [(c.index, c.shape) for c in cut_points(staged.blocks, tuple(ds.x_train.shape[1:]))]
-        allowed = shift_view_cuts(shapes, tuple(ds.x_train.shape[-2:]), cfg.ds, max_shift)
+        allowed = shift_view_cuts(shapes, tuple(ds.x_train.shape[-2:]), FilterPair(cfg.ds, cfg.filter), max_shift)
         if len(allowed) < cfg.stages - 1:
             return None
         if len(allowed) < len(shapes):

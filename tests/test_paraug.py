@@ -271,14 +271,15 @@ def test_auto_views_follow_the_serial_augmentation():
 def test_shift_view_cuts_keep_the_grids_within_the_largest_shift():
     """A boundary qualifies when its coarse grid's image stride divides the largest shift."""
     from layerpar_fast.models import build_model, cut_points
+    from layerpar_fast.filters import FilterPair
     from layerpar_fast.paraug import shift_view_cuts
     pts = [(c.index, c.shape) for c in cut_points(build_model("resnet20"), (3, 32, 32))]
-    assert shift_view_cuts(pts, (32, 32), 2, 4) == list(range(1, 8))    # 32x32 and 16x16 maps
-    assert shift_view_cuts(pts, (32, 32), 1, 4) == list(range(1, 11))   # every map at s = 1
-    assert shift_view_cuts(pts, (32, 32), 2, 2) == list(range(1, 5))    # 2-px shifts: the 32x32 maps only
-    assert shift_view_cuts(pts, (32, 32), 8, 4) == []
-    assert shift_view_cuts([(1, (4, 6, 6))], (24, 24), 2, 4) == []       # a 3x3 grid: stride 8
-    assert shift_view_cuts([(1, (4, 6, 6))], (24, 24), 4, 4) == []       # 4 does not divide 6
+    assert shift_view_cuts(pts, (32, 32), FilterPair(2), 4) == list(range(1, 8))    # 32x32 and 16x16 maps
+    assert shift_view_cuts(pts, (32, 32), FilterPair(1), 4) == list(range(1, 11))   # every map at s = 1
+    assert shift_view_cuts(pts, (32, 32), FilterPair(2), 2) == list(range(1, 5))    # 2-px shifts: the 32x32 maps only
+    assert shift_view_cuts(pts, (32, 32), FilterPair(8), 4) == []
+    assert shift_view_cuts([(1, (4, 6, 6))], (24, 24), FilterPair(2), 4) == []       # a 3x3 grid: stride 8
+    assert shift_view_cuts([(1, (4, 6, 6))], (24, 24), FilterPair(4), 4) == []       # 4 does not divide 6
 
 
 def _resnet20_trainer(**kw):
