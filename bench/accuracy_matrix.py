@@ -13,6 +13,8 @@ The final model of every run is evaluated on the whole test set.
     python bench/accuracy_matrix.py run --cells all --ks 2,4 --seeds 0,1
     python bench/accuracy_matrix.py run --cells mnist-10k-e4 --variant zero-mult   # a named variant
     python bench/accuracy_matrix.py report --variants default,zero-mult            # table + plot only
+    python bench/accuracy_matrix.py run --fork --cells cifar10-10k-aug-e18 --ks 4 --variant default,grad-mult
+        # the serial warm start shared by the arms of one (cell, K, seed) trained once, every arm forked from it
 
 Runs are resumable: a finished run is collected and skipped, an interrupted one continues from
 its checkpoint (``layerpar train --resume``). Results accumulate in OUT/results.json (one entry
@@ -124,6 +126,8 @@ VARIANTS: dict[str, list[str]] = {
     # round 8, K = 4 on augmented CIFAR-10: shift views in the parallel phase, with cuts whose coarse grids move
     # in 4-px steps (the FLOPs-balanced 3,5,8 puts the last cut on the 8x8 map, whose 4x4 grid moves in 8-px steps)
     "pshift-c357": ["--parallel-augment", "shift", "--cuts", "3,5,7"],
+    # round 9, K = 4 on augmented CIFAR-10: the multiplier warm start again, now that the phase runs late (lr 0.025)
+    "grad-c12": ["--mult-init", "grad", "--beta-c", "1.2"],
     "bf16": ["--amp", "bf16"],                                   # mixed precision (issue 15's accuracy check)
     "replicas2": ["--replicas", "2"],                            # K stages x 2 replicas, same global batch (issue 13)
 }
@@ -246,6 +250,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             results = {**results, key: entry}
             atomic_write_json(res_path, {"runs": results, "environment": environment()})
             continue
+        forked = None
+        if not finished(d) and k is not None and getattr(args, "fork", False) \
+                and not os.path.isfile(os.path.join(d, "checkpoint.pt")):
+            forked = _fork_from_prefix(args, cell, arm, k, seed, d, cmd, f"[{i + 1}/{len(todo)}] {key}")
         if not finished(d):
             if os.path.isfile(os.path.join(d, "checkpoint.pt")):
                 cmd_now = [sys.executable, "-m", "layerpar_fast", "train", "--no-progress", "--resume", d]
@@ -262,12 +270,71 @@ def cmd_run(args: argparse.Namespace) -> int:
                 continue
             print(f"[{i + 1}/{len(todo)}] {key}: {time.time() - t0:.0f} s", flush=True)
         entry = collect(d, cmd)
+        if forked or os.path.isfile(os.path.join(d, "forked_from")):
+            with open(os.path.join(d, "forked_from")) as f:
+                entry["forked_from"] = f.read().strip()
         print(f"[{i + 1}/{len(todo)}] {key}: {entry['test_acc']:.2f}% on {entry['num_test']}", flush=True)
         results = {**_load(res_path), key: entry}    # merged: another invocation may share OUT
         atomic_write_json(res_path, {"runs": results, "environment": environment()})
         report(results, args)
     report(results, args)
     return 0
+
+
+def warm_epochs(cmd: list[str]) -> int:
+    """The serial epochs an SPH command's schedule starts with (its warm start)."""
+    from layerpar_fast.config import parse_schedule
+    first, n = parse_schedule(resolved_schedule(cmd))[0]
+    return n if first == "serial" else 0
+
+
+def _fork_from_prefix(args: argparse.Namespace, cell: str, arm: str, k: int, seed: int, d: str,
+                      cmd: list[str], tag: str) -> str | None:
+    """Branch the arm's run ``d`` from the shared warm start of (cell, K, seed): train that prefix
+    first if needed (this arm's own command with --stop-after W), then ``layerpar train --fork``
+    with the arm's options and resolved schedule. Returns the prefix's directory, or None when the
+    arm has no serial warm start or its options cannot be forked (it then runs from scratch)."""
+    w = warm_epochs(cmd)
+    if w < 1:
+        return None
+    prefix = run_dir(args.out, cell, f"prefix-w{w}", k, seed)
+    ckpt = os.path.join(prefix, "checkpoint.pt")
+    if _checkpoint_epoch(ckpt) < w:
+        if os.path.isfile(ckpt):
+            pcmd = [sys.executable, "-m", "layerpar_fast", "train", "--no-progress", "--resume", prefix,
+                    "--stop-after", str(w)]
+        else:
+            if os.path.isdir(prefix):
+                import shutil
+                shutil.rmtree(prefix)
+            pcmd = train_command(cell, arm, k, seed, args, prefix) + ["--stop-after", str(w)]
+        print(f"{tag}: the shared warm start: $ {' '.join(pcmd[1:])}", flush=True)
+        if subprocess.run(pcmd).returncode != 0 or _checkpoint_epoch(ckpt) != w:
+            print(f"{tag}: the warm start failed; the arm runs from scratch", flush=True)
+            return None
+    opts = cmd[cmd.index("--stages") + 2:]            # the arm's own options (VARIANTS[arm])
+    fcmd = [sys.executable, "-m", "layerpar_fast", "train", "--no-progress", "--fork", prefix, "--out", d,
+            "--schedule", resolved_schedule(cmd), *opts]
+    print(f"{tag}: $ {' '.join(fcmd[1:])}", flush=True)
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "forked_from"), "w") as f:    # also read when an interrupted fork resumes
+        f.write(os.path.relpath(prefix, args.out))
+    t0 = time.time()
+    if subprocess.run(fcmd).returncode != 0 or not finished(d):
+        print(f"{tag}: the fork failed; the arm runs from scratch", flush=True)
+        if os.path.isdir(d) and not finished(d):
+            import shutil
+            shutil.rmtree(d)
+        return None
+    print(f"{tag}: {time.time() - t0:.0f} s after the shared warm start", flush=True)
+    return prefix
+
+
+def _checkpoint_epoch(path: str) -> int:
+    if not os.path.isfile(path):
+        return 0
+    import torch
+    return int(torch.load(path, map_location="cpu", weights_only=False).get("epoch", 0))
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
@@ -471,6 +538,11 @@ def main(argv: list[str] | None = None) -> int:
             q.add_argument("--data-dir", default=os.environ.get("LAYERPAR_DATA_DIR", "../shared/data"))
             q.add_argument("--test-subset", type=int, default=2000, help="test images evaluated every epoch")
             q.add_argument("--threads", type=int, help="torch threads per run (default: all cores)")
+            q.add_argument("--fork", action="store_true",
+                           help="train the serial warm start shared by SPH arms of one (cell, K, seed) once "
+                                "(OUT/CELL/prefix-wW-KK-seedS, --stop-after W) and branch every arm from it "
+                                "(layerpar train --fork: bit for bit the run from scratch; arms whose options "
+                                "a fork may not change run from scratch)")
     args = p.parse_args(argv)
     if args.cmd == "run":
         return cmd_run(args)

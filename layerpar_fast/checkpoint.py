@@ -218,3 +218,30 @@ def _resume_mismatch(saved: dict[str, Any] | None, cfg: Config) -> str:
     if old != new:
         return f"beta rule {new} differs from the checkpoint's {old}; resume with {old} (or start a new run)"
     return ""
+
+
+def checkpoint_phases(run_dir: str) -> list[str]:
+    """The phase of every epoch the run in ``run_dir`` has completed, from its checkpoint."""
+    path = os.path.join(run_dir, CHECKPOINT)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ConfigError(f"{run_dir}: cannot read {CHECKPOINT}: {e}") from None
+    return [str(r.get("phase")) for r in state.get("records") or []][: int(state.get("epoch", 0))]
+
+
+def fork_run(src: str, dst: str, cfg: Config) -> tuple[float, int]:
+    """Copy the checkpoint of the run in ``src`` (and its per-rank auxiliary files) into ``dst`` as
+    the checkpoint of a run configured by ``cfg`` (``--fork``: the CLI has checked that the change
+    leaves the epochs already run as they were). Returns the copy's modification time and epoch."""
+    import shutil
+    state = torch.load(os.path.join(src, CHECKPOINT), map_location="cpu", weights_only=False)
+    aux = state.get("aux")
+    for name in (aux or {}).get("files") or []:
+        shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+    state["config"] = cfg.to_dict()
+    path = os.path.join(dst, CHECKPOINT)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    return os.path.getmtime(path), int(state.get("epoch", 0))

@@ -90,13 +90,14 @@ _TRAIN_OPTIONS: dict[str, tuple[Any, str]] = {
     "seed": (int, "random seed (initialisation, data order, augmentation)"),
     "threads": (int, "torch threads"),
     "checkpoint_every": (int, "write a checkpoint every N epochs"),
+    "stop_after": (int, "stop after epoch N with a checkpoint (continue later with --resume, or branch with --fork)"),
     "delay_rank": (int, "testing: the rank whose parallel-phase steps each start --delay-s seconds late"),
     "delay_s": (float, "testing: the delay of --delay-rank's steps, in seconds"),
 }
 #: `layerpar train` without options runs layer-parallel SPH with K = 2 processes (the demo);
 #: with --method serial the Config defaults (one stage, 3 epochs) apply
 DEMO_DEFAULTS: dict[str, Any] = {"method": "al", "stages": 2, "ds": 2, "schedule": "serial:1,parallel:2,serial:1"}
-_DEFAULT_HELP = {"data_dir": "$LAYERPAR_DATA_DIR or ~/.cache/layerpar_fast", "filter": "avg_nearest", "subset": "all", "test_subset": "all",
+_DEFAULT_HELP = {"stop_after": "never", "data_dir": "$LAYERPAR_DATA_DIR or ~/.cache/layerpar_fast", "filter": "avg_nearest", "subset": "all", "test_subset": "all",
                  "cuts": "balanced (--balance)", "beta": "automatic", "schedule": "derived from --epochs",
                  "threads": "cores // local workers", "switch_drift": "off",
                  "method": "al", "stages": "2 (1 with --method serial)", "ds": "2 (1 with --method serial)",
@@ -166,6 +167,10 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="YAML or TOML file with the same keys (the command line wins)")
     t.add_argument("--out", help="run directory [default: runs/MODEL-DATASET-METHOD-TIME]")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its checkpoint")
+    t.add_argument("--fork", metavar="RUN_DIR",
+                   help="start a new run (--out) from RUN_DIR's checkpoint: the same run so far, and, while it has "
+                        "run serial epochs only, other parallel-phase options (--mult-init, --beta-c, --schedule "
+                        "with the same epochs, ...) from there on")
     defaults = Config()
     groups = {g: t.add_argument_group(g) for g in _GROUP_ORDER}
     for name, (typ, help_) in _TRAIN_OPTIONS.items():
@@ -202,6 +207,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _train_config(args: argparse.Namespace) -> tuple[Config, str, bool]:
+    if getattr(args, "fork", None):
+        return _fork_config(args)
     if args.resume:
         run_dir = args.resume
         saved = read_run_config(run_dir, "checkpoint.pt", "--resume")
@@ -231,9 +238,87 @@ def _train_config(args: argparse.Namespace) -> tuple[Config, str, bool]:
     return cfg, run_dir, False
 
 
+#: options a fork may change while its source has run serial epochs only: they act in parallel phases
+#: (or shape the schedule's later phases, checked against the epochs already run)
+FORKABLE = ("parallel_augment", "mult_init", "stage_lr", "switch_drift", "beta", "beta_c", "gamma", "al_order",
+            "window", "aux_dtype", "kappa_iters", "ds", "filter", "schedule", "warm_share", "aug_warm_share",
+            "tail_share", "aug_parallel_share", "bn_recalib_batches")
+
+
+def _fork_config(args: argparse.Namespace) -> tuple[Config, str, bool]:
+    """The configuration of ``--fork SRC --out NEW``: SRC's own, with run-time options, and while
+    every epoch SRC ran was serial, the FORKABLE options, changed. Refused with one line: a
+    combination with --resume/--config, a missing --out or one that holds a run, torchrun, an
+    option outside those, a schedule with another length or other phases for the epochs run."""
+    src = args.fork
+    if args.resume or args.config:
+        raise ConfigError("--fork starts a new run from RUN_DIR's checkpoint; it cannot be combined with "
+                          + ("--resume" if args.resume else "--config"))
+    if not args.out:
+        raise ConfigError(f"--fork {src}: give the new run's directory with --out")
+    if os.path.abspath(args.out) == os.path.abspath(src):
+        raise ConfigError(f"--fork {src}: --out must be another directory (to continue the run itself: --resume)")
+    if os.path.isfile(os.path.join(args.out, "checkpoint.pt")):
+        raise ConfigError(f"--out {args.out} already holds a run; continue it with --resume {args.out} "
+                          "or choose another --out")
+    if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise ConfigError("--fork under torchrun: fork in one local command (e.g. with --stop-after), "
+                          "then --resume the new run under torchrun")
+    saved = read_run_config(src, "checkpoint.pt", "--fork")
+    from .checkpoint import checkpoint_phases
+    done = checkpoint_phases(src)          # the phase of every epoch the source has run
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
+             if getattr(args, f.name, None) is not None and f.name != "out"}
+    if isinstance(given.get("milestones"), str):
+        given["milestones"] = [float(x) for x in given["milestones"].split(",") if x]
+    new = dict(saved, stop_after=given.get("stop_after"))
+    for key, value in given.items():
+        if key in RESUME_RUNTIME or key == "stop_after":
+            new[key] = value
+        elif key == "epochs" or (key == "augment" and value == "auto"):
+            continue                        # --epochs: checked below (it must keep the run's total)
+        elif key in FORKABLE:
+            if saved.get(key) != value and any(p != "serial" for p in done):
+                raise ConfigError(f"--fork {src}: --{key.replace('_', '-')} can change only while the run has "
+                                  f"trained serial epochs only (it ran {_realized_text(done)})")
+            new[key] = value
+        elif key in saved and saved[key] != value:
+            opt = "--" + key.replace("_", "-")
+            raise ConfigError(f"--fork {src}: {opt} cannot change (the run used {saved[key]!r}): it acts on the "
+                              f"epochs already run; options that may: {', '.join('--' + k.replace('_', '-') for k in FORKABLE)}")
+    if "epochs" in given and given["epochs"] != make_config(saved).total_epochs():
+        raise ConfigError(f"--fork {src}: --epochs {given['epochs']} differs from the run's "
+                          f"{make_config(saved).total_epochs()} (the learning-rate schedule spans them)")
+    old_cfg, new_cfg = make_config(saved), make_config(new)
+    old_plan = [p for p, n in old_cfg.phases() for _ in range(n)]
+    new_plan = [p for p, n in new_cfg.phases() for _ in range(n)]
+    if len(new_plan) != len(old_plan):
+        raise ConfigError(f"--fork {src}: the new schedule {new_cfg.resolved_schedule()} has {len(new_plan)} epochs, "
+                          f"the run's {old_cfg.resolved_schedule()} {len(old_plan)} (the learning-rate schedule spans them)")
+    if new_plan[:len(done)] != done:
+        raise ConfigError(f"--fork {src}: the new schedule {new_cfg.resolved_schedule()} must start with the "
+                          f"{len(done)} epoch(s) the run has trained ({_realized_text(done)})")
+    if new_cfg.schedule is None or new_cfg.resolved_schedule() != old_cfg.resolved_schedule():
+        new_cfg.schedule = new_cfg.resolved_schedule()      # fixed now: later resumes keep it
+        new_cfg.epochs = None
+        new_cfg = make_config(new_cfg.to_dict())
+    new_cfg.out = args.out
+    return new_cfg, args.out, True
+
+
+def _realized_text(phases: list[str]) -> str:
+    out: list[list[Any]] = []
+    for p in phases:
+        if out and out[-1][0] == p:
+            out[-1][1] += 1
+        else:
+            out.append([p, 1])
+    return ",".join(f"{p}:{n}" for p, n in out) or "no epoch"
+
+
 #: options a resumed run may change: how it runs, not what it computes
 RESUME_RUNTIME = ("threads", "progress", "timeout_s", "transport", "device", "aux_device", "compile", "data_dir",
-                  "checkpoint_every", "eval_batch_size")
+                  "checkpoint_every", "eval_batch_size", "stop_after")
 
 
 def _resume_changes(saved: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
@@ -311,11 +396,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_local_gpus(cfg, local_ranks(cfg, mode), mode)   # refuse before any work
     created = not os.path.exists(run_dir)
     _prepare_run_dir(run_dir)
+    fork_copy = None        # the forked checkpoint as copied: a run that fails before writing its own leaves nothing
+    if getattr(args, "fork", None):
+        from .checkpoint import fork_run
+        fork_copy = fork_run(args.fork, run_dir, cfg)
+        print(f"layerpar: {run_dir} forked from {args.fork} after epoch {fork_copy[1]}", flush=True)
     try:
         if mode == "spawn":     # K local processes, one per stage
             code = launch_local(cfg, run_dir, resume)
             if code != 0:
-                _forget_failed_run(run_dir, created)
+                _forget_failed_run(run_dir, created, fork_copy)
             return code
         if mode == "member":    # one rank of a process group started by torchrun
             return run_member(cfg, run_dir, resume)
@@ -326,10 +416,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         finally:
             signal.signal(signal.SIGTERM, previous)
     except BaseException as e:
-        _forget_failed_run(run_dir, created)
+        _forget_failed_run(run_dir, created, fork_copy)
         if isinstance(e, KeyboardInterrupt):
             raise _Stopped(run_dir, 143 if isinstance(e, _Terminated) else 130) from None
         raise
+    if "stopped_after" in summary:
+        print(f"stopped after epoch {summary['stopped_after']} (--stop-after); run directory {run_dir}")
+        return 0
     print(f"final test accuracy {100 * summary['final_test_acc']:.2f}% "
           f"(best {100 * summary['best_test_acc']:.2f}%) in {summary['wall_time_s']:.1f}s; "
           f"run directory {run_dir}")
@@ -350,10 +443,13 @@ def _raise_terminated(signum: int, frame: Any) -> None:
     raise _Terminated()
 
 
-def _forget_failed_run(run_dir: str, created: bool) -> None:
+def _forget_failed_run(run_dir: str, created: bool, fork_copy: tuple[float, int] | None = None) -> None:
     """Remove a run directory this invocation created when the run failed or stopped before its
-    first checkpoint (nothing in it can be resumed)."""
-    if created and os.path.isdir(run_dir) and not os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
+    first checkpoint (nothing in it can be resumed); a fork counts as such while its checkpoint is
+    still the copy (``fork_copy``: its modification time and epoch)."""
+    ckpt = os.path.join(run_dir, "checkpoint.pt")
+    untouched = fork_copy is not None and os.path.isfile(ckpt) and os.path.getmtime(ckpt) == fork_copy[0]
+    if created and os.path.isdir(run_dir) and (untouched or not os.path.isfile(ckpt)):
         import shutil
         shutil.rmtree(run_dir, ignore_errors=True)
 

@@ -100,6 +100,7 @@ class Config:
     out: str | None = None
     progress: bool = True
     checkpoint_every: int = 1
+    stop_after: int | None = None
     delay_rank: int | None = None
     delay_s: float = 0.0
 
@@ -252,6 +253,7 @@ class Config:
         need(self.timeout_s > 0, f"--timeout-s must be > 0, got {self.timeout_s}")
         need(self.threads is None or self.threads >= 1, f"--threads must be >= 1, got {self.threads}")
         need(self.checkpoint_every >= 1, f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
+        need(self.stop_after is None or self.stop_after >= 1, f"--stop-after must be >= 1, got {self.stop_after}")
         need(self.delay_s >= 0, f"--delay-s must be >= 0, got {self.delay_s}")
         need(self.delay_rank is None or 0 <= self.delay_rank < self.world_size(),
              f"--delay-rank must be a rank in [0, {self.world_size()}), got {self.delay_rank}")

@@ -272,7 +272,10 @@ def run_member(cfg: Config, run_dir: str | None, resume: bool) -> int:
         trainer = DistTrainer(cfg, run_dir, resume=resume)
         summary = trainer.run()
         trainer.close()
-        if rank == 0:
+        if rank == 0 and "stopped_after" in summary:
+            print(f"stopped after epoch {summary['stopped_after']} (--stop-after) on {cfg.world_size()} ranks; "
+                  f"run directory {run_dir}", flush=True)
+        elif rank == 0:
             print(f"final test accuracy {100 * summary['final_test_acc']:.2f}% "
                   f"(best {100 * summary['best_test_acc']:.2f}%) in {summary['wall_time_s']:.1f}s "
                   f"on {cfg.world_size()} ranks; run directory {run_dir}", flush=True)

@@ -319,9 +319,14 @@ class HybridTrainer(ParallelPhase, SerialPhase, Evaluation, Checkpoints):
             if phase == "parallel" and j == n - 1:
                 self.stores = None
                 self.phase_state = None
-            if self.out_dir and (self.epoch % cfg.checkpoint_every == 0 or self.epoch == len(plan)):
+            stop = cfg.stop_after is not None and self.epoch == cfg.stop_after and self.epoch < len(plan)
+            if self.out_dir and (stop or self.epoch % cfg.checkpoint_every == 0 or self.epoch == len(plan)):
                 self.wall_offset = time.perf_counter() - t_start
                 self.save_checkpoint()
+            if stop:
+                self.log(f"stopped after epoch {self.epoch}/{len(plan)} (--stop-after {cfg.stop_after}): continue "
+                         f"with --resume {self.out_dir}, or branch with --fork {self.out_dir}")
+                return {"stopped_after": self.epoch, "wall_time_s": time.perf_counter() - t_start}
         summary = self._summary(time.perf_counter() - t_start)
         if self.out_dir and main:
             torch.save(self.model.state_dict(), os.path.join(self.out_dir, "final_model.pt"))

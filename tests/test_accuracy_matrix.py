@@ -89,3 +89,40 @@ def test_an_all_serial_schedule_reuses_the_serial_baseline():
     # a variant's own options count: a 12-epoch budget has a parallel phase at K = 4
     k4e12 = am.train_command("mnist-10k-noaug-e12", "default", 4, 0, args, "/tmp/z")
     assert not am.serial_equivalent(k4e12)
+
+
+def test_fork_branches_every_arm_from_one_warm_start_with_the_same_results(tmp_path, monkeypatch):
+    """--fork trains the serial warm start of (cell, K, seed) once and branches the arms from it:
+    each arm's model equals the one its command trains from scratch, bit for bit."""
+    import torch
+    monkeypatch.setitem(am.CELLS, "tiny", {"dataset": "embedded", "train_size": "128", "epochs": 5,
+                                           "augment": "none", "model": "mnist_resnet", "lr": 0.05, "subset": 128})
+    monkeypatch.setitem(am.VARIANTS, "tinygrad", ["--mult-init", "grad", "--kappa-iters", "2"])
+    monkeypatch.setitem(am.VARIANTS, "tinydef", ["--kappa-iters", "2"])
+    monkeypatch.setattr(am, "report", lambda results, args: None)
+
+    def run(out, fork):
+        args = argparse.Namespace(cells="tiny", ks="2", seeds="0", variant="tinydef,tinygrad", data_dir="unused",
+                                  test_subset=64, threads=1, out=str(out), fork=fork)
+        assert am.cmd_run(args) == 0
+        with open(out / "results.json") as f:
+            return json.load(f)["runs"]
+
+    forked, direct = run(tmp_path / "f", True), run(tmp_path / "d", False)
+    warm = am.warm_epochs(am.train_command("tiny", "tinydef", 2, 0, argparse.Namespace(
+        data_dir="unused", test_subset=64, threads=1), "/tmp/x"))
+    assert warm >= 1
+    prefix = tmp_path / "f" / "tiny" / f"prefix-w{warm}-K2-seed0"
+    assert torch.load(prefix / "checkpoint.pt", weights_only=False)["epoch"] == warm
+    assert not (prefix / "final_model.pt").exists()
+    for arm in ("tinydef-K2-seed0", "tinygrad-K2-seed0"):
+        key = f"tiny/{arm}"
+        assert forked[key]["forked_from"] == f"tiny/prefix-w{warm}-K2-seed0" and "forked_from" not in direct[key]
+        assert forked[key]["test_acc"] == direct[key]["test_acc"]
+        a = torch.load(tmp_path / "f" / "tiny" / arm / "final_model.pt", weights_only=True)
+        b = torch.load(tmp_path / "d" / "tiny" / arm / "final_model.pt", weights_only=True)
+        assert all(torch.equal(a[n], b[n]) for n in a)
+    assert forked["tiny/tinydef-K2-seed0"]["test_acc"] != forked["tiny/tinygrad-K2-seed0"]["test_acc"] or \
+        not all(torch.equal(x, y) for x, y in zip(
+            torch.load(tmp_path / "f" / "tiny" / "tinydef-K2-seed0" / "final_model.pt", weights_only=True).values(),
+            torch.load(tmp_path / "f" / "tiny" / "tinygrad-K2-seed0" / "final_model.pt", weights_only=True).values()))
