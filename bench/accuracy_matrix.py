@@ -128,6 +128,10 @@ VARIANTS: dict[str, list[str]] = {
     "pshift-c357": ["--parallel-augment", "shift", "--cuts", "3,5,7"],
     # round 9, K = 4 on augmented CIFAR-10: the multiplier warm start again, now that the phase runs late (lr 0.025)
     "grad-c12": ["--mult-init", "grad", "--beta-c", "1.2"],
+    # the stages after a cut train on U(D(a)): at K = 4 three blurred inputs, one on the 8x8 map (DS-forward 39-54%)
+    "ds1": ["--ds", "1"],
+    "grad-ds1": ["--mult-init", "grad", "--ds", "1"],
+    "bilinear": ["--filter", "avg_bilinear"],
     "bf16": ["--amp", "bf16"],                                   # mixed precision (issue 15's accuracy check)
     "replicas2": ["--replicas", "2"],                            # K stages x 2 replicas, same global batch (issue 13)
 }
@@ -159,6 +163,7 @@ def resolved_schedule(cmd: list[str]) -> str:
     """The schedule a ``layerpar train`` command line resolves to (no training)."""
     from layerpar_fast.cli import _build_parser, _train_config
     args = _build_parser().parse_args(cmd[3:])
+    args.out = None          # the command's own --out may hold the run already (an interrupted run)
     return _train_config(args)[0].resolved_schedule()
 
 

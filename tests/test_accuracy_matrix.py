@@ -126,3 +126,15 @@ def test_fork_branches_every_arm_from_one_warm_start_with_the_same_results(tmp_p
         not all(torch.equal(x, y) for x, y in zip(
             torch.load(tmp_path / "f" / "tiny" / "tinydef-K2-seed0" / "final_model.pt", weights_only=True).values(),
             torch.load(tmp_path / "f" / "tiny" / "tinygrad-K2-seed0" / "final_model.pt", weights_only=True).values()))
+
+
+def test_the_schedule_of_an_interrupted_run_resolves(tmp_path):
+    """An interrupted SPH run's directory holds a checkpoint: resolving its command's schedule must
+    not trip over the `--out already holds a run` check (the harness then resumes it)."""
+    args = type("A", (), dict(data_dir="unused", test_subset=100, threads=1))()
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / "checkpoint.pt").write_bytes(b"x")
+    cmd = am.train_command("cifar10-10k-aug-e18", "default", 4, 0, args, str(d))
+    assert am.resolved_schedule(cmd) == "serial:12,parallel:3,serial:3"
+    assert am.warm_epochs(cmd) == 12 and not am.serial_equivalent(cmd)
