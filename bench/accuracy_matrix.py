@@ -159,12 +159,21 @@ def train_command(cell: str, arm: str, k: int | None, seed: int, args: argparse.
     return cmd
 
 
-def resolved_schedule(cmd: list[str]) -> str:
-    """The schedule a ``layerpar train`` command line resolves to (no training)."""
+def _config(cmd: list[str]):
+    """The Config a ``layerpar train`` command line (not --resume/--fork) resolves to (no training)."""
     from layerpar_fast.cli import _build_parser, _train_config
     args = _build_parser().parse_args(cmd[3:])
     args.out = None          # the command's own --out may hold the run already (an interrupted run)
-    return _train_config(args)[0].resolved_schedule()
+    return _train_config(args)[0]
+
+
+def _build_config(cmd: list[str]) -> dict[str, Any]:
+    return _config(cmd).to_dict()
+
+
+def resolved_schedule(cmd: list[str]) -> str:
+    """The schedule a ``layerpar train`` command line resolves to (no training)."""
+    return _config(cmd).resolved_schedule()
 
 
 def serial_equivalent(cmd: list[str]) -> bool:
@@ -312,7 +321,9 @@ def _fork_from_prefix(args: argparse.Namespace, cell: str, arm: str, k: int, see
             if os.path.isdir(prefix):
                 import shutil
                 shutil.rmtree(prefix)
-            pcmd = train_command(cell, arm, k, seed, args, prefix) + ["--stop-after", str(w)]
+            # the library's defaults (every arm forks from them with its own options), the arm's schedule
+            pcmd = train_command(cell, "default", k, seed, args, prefix) + [
+                "--schedule", resolved_schedule(cmd), "--stop-after", str(w)]
         print(f"{tag}: the shared warm start: $ {' '.join(pcmd[1:])}", flush=True)
         if subprocess.run(pcmd).returncode != 0 or _checkpoint_epoch(ckpt) != w:
             print(f"{tag}: the warm start failed; the arm runs from scratch", flush=True)
@@ -320,6 +331,11 @@ def _fork_from_prefix(args: argparse.Namespace, cell: str, arm: str, k: int, see
     opts = cmd[cmd.index("--stages") + 2:]            # the arm's own options (VARIANTS[arm])
     fcmd = [sys.executable, "-m", "layerpar_fast", "train", "--no-progress", "--fork", prefix, "--out", d,
             "--schedule", resolved_schedule(cmd), *opts]
+    why = _fork_differs(fcmd, cmd)
+    if why:
+        print(f"{tag}: a fork from {prefix} would not be this arm's run ({why}); the arm runs from scratch",
+              flush=True)
+        return None
     print(f"{tag}: $ {' '.join(fcmd[1:])}", flush=True)
     os.makedirs(d, exist_ok=True)
     with open(os.path.join(d, "forked_from"), "w") as f:    # also read when an interrupted fork resumes
@@ -333,6 +349,29 @@ def _fork_from_prefix(args: argparse.Namespace, cell: str, arm: str, k: int, see
         return None
     print(f"{tag}: {time.time() - t0:.0f} s after the shared warm start", flush=True)
     return prefix
+
+
+def _fork_differs(fcmd: list[str], cmd: list[str]) -> str:
+    """'' when the configuration ``layerpar train --fork`` would give (``fcmd``) is the one the
+    arm's own command (``cmd``) trains from scratch, else the first option that differs (a fork
+    keeps the source's value of any option its command line does not name)."""
+    from layerpar_fast.cli import _build_parser, _train_config
+    from layerpar_fast.config import ConfigError
+    fa = _build_parser().parse_args(fcmd[3:])
+    try:
+        forked = _train_config(fa)[0]
+    except ConfigError as e:
+        return str(e)
+    direct = _config(cmd)
+    if forked.resolved_schedule() != direct.resolved_schedule():
+        return f"schedule {forked.resolved_schedule()} against {direct.resolved_schedule()}"
+    a, b = forked.to_dict(), direct.to_dict()
+    for key in sorted(set(a) | set(b)):
+        if key in ("out", "stop_after", "epochs", "schedule", "progress", "data_dir"):
+            continue
+        if a.get(key) != b.get(key):
+            return f"--{key.replace('_', '-')} {a.get(key)!r} against {b.get(key)!r}"
+    return ""
 
 
 def _checkpoint_epoch(path: str) -> int:

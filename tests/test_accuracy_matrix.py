@@ -102,7 +102,7 @@ def test_fork_branches_every_arm_from_one_warm_start_with_the_same_results(tmp_p
     monkeypatch.setattr(am, "report", lambda results, args: None)
 
     def run(out, fork):
-        args = argparse.Namespace(cells="tiny", ks="2", seeds="0", variant="tinydef,tinygrad", data_dir="unused",
+        args = argparse.Namespace(cells="tiny", ks="2", seeds="0", variant="tinygrad,tinydef", data_dir="unused",
                                   test_subset=64, threads=1, out=str(out), fork=fork)
         assert am.cmd_run(args) == 0
         with open(out / "results.json") as f:
@@ -138,3 +138,21 @@ def test_the_schedule_of_an_interrupted_run_resolves(tmp_path):
     cmd = am.train_command("cifar10-10k-aug-e18", "default", 4, 0, args, str(d))
     assert am.resolved_schedule(cmd) == "serial:12,parallel:3,serial:3"
     assert am.warm_epochs(cmd) == 12 and not am.serial_equivalent(cmd)
+
+
+def test_a_fork_that_would_keep_another_arms_option_is_refused(tmp_path):
+    """A fork keeps the source's value of every option its command does not name: the harness
+    compares the fork's configuration with the arm's own before it forks."""
+    args = type("A", (), dict(data_dir="unused", test_subset=100, threads=1))()
+    prefix = tmp_path / "p"
+    prefix.mkdir()
+    cmd = am.train_command("cifar10-10k-aug-e18", "grad-mult", 4, 0, args, str(prefix))
+    cfg = json.loads(json.dumps(dict(am._build_config(cmd), stop_after=12)))
+    (prefix / "config.json").write_text(json.dumps(cfg))
+    import torch
+    torch.save({"epoch": 12, "records": [{"phase": "serial"}] * 12, "config": cfg}, prefix / "checkpoint.pt")
+    arm = am.train_command("cifar10-10k-aug-e18", "default", 4, 0, args, str(tmp_path / "d"))
+    fcmd = [sys.executable, "-m", "layerpar_fast", "train", "--fork", str(prefix), "--out", str(tmp_path / "d"),
+            "--schedule", am.resolved_schedule(arm)]
+    assert am._fork_differs(fcmd, arm) == "--mult-init 'grad' against 'zero'"
+    assert am._fork_differs(fcmd + ["--mult-init", "zero"], arm) == ""
