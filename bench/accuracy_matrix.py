@@ -132,6 +132,7 @@ VARIANTS: dict[str, list[str]] = {
     "ds1": ["--ds", "1"],
     "grad-ds1": ["--mult-init", "grad", "--ds", "1"],
     "bilinear": ["--filter", "avg_bilinear"],
+    "ds2": ["--ds", "2"],            # the default before round 9 at every K
     "bf16": ["--amp", "bf16"],                                   # mixed precision (issue 15's accuracy check)
     "replicas2": ["--replicas", "2"],                            # K stages x 2 replicas, same global batch (issue 13)
 }
@@ -369,6 +370,8 @@ def _fork_differs(fcmd: list[str], cmd: list[str]) -> str:
     for key in sorted(set(a) | set(b)):
         if key in ("out", "stop_after", "epochs", "schedule", "progress", "data_dir"):
             continue
+        if key == "ds" and b.get(key) == 0:
+            continue        # --ds auto: the prefix (trained with the defaults, same cuts) holds what auto chose
         if a.get(key) != b.get(key):
             return f"--{key.replace('_', '-')} {a.get(key)!r} against {b.get(key)!r}"
     return ""

@@ -58,7 +58,8 @@ _TRAIN_OPTIONS: dict[str, tuple[Any, str]] = {
                       "replica r of stage k; with --transport local one process computes what they compute)"),
     "cuts": (str, "block indices where the network is cut, comma separated"),
     "balance": (str, f"how to choose cuts when --cuts is not given: {', '.join(BALANCE)}"),
-    "ds": (int, "downsampling factor s of what is stored and sent"),
+    "ds": ("ds", "downsampling factor s of what is stored and sent: auto, 1, 2, 4 or 8 (auto: 2, or 1 when a "
+                 "cut's feature map is 8x8 or smaller, where a 4x4 grid costs accuracy)"),
     "filter": (str, "filter pair"),
     "beta": (float, "penalty weight beta (automatic: c/(lr*kappa_k) for Gauss-Seidel AL, otherwise 10)"),
     "beta_c": (float, "c in the automatic beta_k = c/(lr*kappa_k)"),
@@ -96,11 +97,11 @@ _TRAIN_OPTIONS: dict[str, tuple[Any, str]] = {
 }
 #: `layerpar train` without options runs layer-parallel SPH with K = 2 processes (the demo);
 #: with --method serial the Config defaults (one stage, 3 epochs) apply
-DEMO_DEFAULTS: dict[str, Any] = {"method": "al", "stages": 2, "ds": 2, "schedule": "serial:1,parallel:2,serial:1"}
+DEMO_DEFAULTS: dict[str, Any] = {"method": "al", "stages": 2, "ds": 0, "schedule": "serial:1,parallel:2,serial:1"}
 _DEFAULT_HELP = {"stop_after": "never", "data_dir": "$LAYERPAR_DATA_DIR or ~/.cache/layerpar_fast", "filter": "avg_nearest", "subset": "all", "test_subset": "all",
                  "cuts": "balanced (--balance)", "beta": "automatic", "schedule": "derived from --epochs",
                  "threads": "cores // local workers", "switch_drift": "off",
-                 "method": "al", "stages": "2 (1 with --method serial)", "ds": "2 (1 with --method serial)",
+                 "method": "al", "stages": "2 (1 with --method serial)", "ds": "auto (1 with --method serial)",
                  "epochs": "the demo's 4: serial:1,parallel:2,serial:1 (3 with --method serial)"}
 
 _GROUP_ORDER = ("data", "model", "method", "schedule and optimisation", "distributed and devices", "output")
@@ -128,7 +129,7 @@ def _group_of(name: str) -> str:
 
 def _choices() -> dict[str, tuple]:
     from . import config as c
-    return {"augment": c.AUGMENTS, "method": c.METHODS, "balance": c.BALANCE, "ds": (1, 2, 4, 8),
+    return {"augment": c.AUGMENTS, "method": c.METHODS, "balance": c.BALANCE,
             "filter": ("avg_nearest", "avg_bilinear"), "al_order": c.AL_ORDERS, "mult_init": c.MULT_INITS,
             "stage_lr": c.STAGE_LRS, "parallel_augment": c.PARALLEL_AUGMENTS, "aux_dtype": c.AUX_DTYPES,
             "lr_schedule": c.LR_SCHEDULES, "transport": c.TRANSPORTS, "serial_on": c.SERIAL_ON, "serial_bn": c.SERIAL_BNS,
@@ -146,6 +147,19 @@ _BOOL_OPTIONS = {
     "wd_bn": "apply weight decay to BatchNorm weights and biases",
     "progress": "show progress bars",
 }
+
+
+def _ds_value(text: str) -> int:
+    """--ds: auto (0 in the configuration, resolved by the trainer from the cuts) or a factor."""
+    if text.strip().lower() == "auto":
+        return 0
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from auto, 1, 2, 4, 8)") from None
+    if value not in (1, 2, 4, 8):
+        raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from auto, 1, 2, 4, 8)")
+    return value
 
 
 class _UsageError(Exception):
@@ -174,12 +188,15 @@ def _build_parser() -> argparse.ArgumentParser:
     defaults = Config()
     groups = {g: t.add_argument_group(g) for g in _GROUP_ORDER}
     for name, (typ, help_) in _TRAIN_OPTIONS.items():
+        typ = _ds_value if typ == "ds" else typ
         if name in _HIDDEN:       # test hooks: accepted, not shown
             t.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=argparse.SUPPRESS)
             continue
         kw: dict[str, Any] = {}
         if name in _CHOICES:
             kw["choices"] = _CHOICES[name]
+        if name == "ds":
+            kw["metavar"] = "{auto,1,2,4,8}"
         default = _DEFAULT_HELP.get(name, getattr(defaults, name))
         if isinstance(default, float) and 0 < default < 1 and abs(default - 2 / 3) < 1e-12:
             default = "2/3"

@@ -243,7 +243,7 @@ class Config:
                  "global batch is split into equal shares, one per replica")
             need(self.parallel_augment != "shift_flip",
                  "--parallel-augment shift_flip is not supported with --replicas > 1 (use shift)")
-        need(self.ds in (1, 2, 4, 8), f"--ds must be one of 1, 2, 4, 8, got {self.ds}")
+        need(self.ds in (0, 1, 2, 4, 8), f"--ds must be one of auto, 1, 2, 4, 8, got {self.ds}")
         need(self.beta is None or self.beta > 0, f"--beta must be > 0, got {self.beta}")
         need(self.beta_c > 0, f"--beta-c must be > 0, got {self.beta_c}")
         need(0 < self.gamma <= 1, f"--gamma must be in (0, 1], got {self.gamma}")
@@ -365,6 +365,8 @@ def make_config(file_values: dict[str, Any] | None = None, **overrides: Any) -> 
     """Build a validated Config from file values overridden by explicit keyword values."""
     values = dict(file_values or {})
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if isinstance(values.get("ds"), str) and values["ds"].strip().lower() == "auto":
+        values["ds"] = 0                    # --ds auto: the trainer picks 2 or 1 from the cuts
     known = {f.name: f for f in dataclasses.fields(Config)}
     for k in values:
         if k not in known:

@@ -50,6 +50,21 @@ def _quiet(msg: str) -> None:
     return None
 
 
+#: --ds auto: this factor, unless a cut's feature map is AUTO_DS_MIN_SIDE pixels on a side or smaller
+AUTO_DS = 2
+AUTO_DS_MIN_SIDE = 8
+
+
+def auto_ds(cut_shapes: list[tuple[int, ...]]) -> int:
+    """The downsampling factor ``--ds auto`` picks for cuts of these (C, H, W) shapes: 2, or 1 when
+    a cut's map is 8x8 or smaller. The stage after a cut trains on U(D(a)); on an 8x8 map s = 2
+    leaves a 4x4 grid, and with such a cut (ResNet-20/56 and WRN at K >= 4 on 32x32 images) the
+    parallel phase stalls where s = 1 keeps learning (accuracy matrix round 9, docs/results.md);
+    grids of 7x7 and more (MNIST, CIFAR at K = 2 and 3) hold their accuracy at s = 2."""
+    small = any(min(s[-2:]) <= AUTO_DS_MIN_SIDE for s in cut_shapes)
+    return 1 if small or not cut_shapes else AUTO_DS
+
+
 class HybridTrainer(ParallelPhase, SerialPhase, Evaluation, Checkpoints):
     """Train a staged ResNet with the SPH schedule of ``cfg`` (see Config for every option).
 
@@ -105,7 +120,6 @@ class HybridTrainer(ParallelPhase, SerialPhase, Evaluation, Checkpoints):
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.input_shape = tuple(ds.x_train.shape[1:])
-        self.filt = FilterPair(cfg.ds, cfg.filter)
         k = cfg.stages
         if cuts is None:
             cuts = parse_cuts(cfg.cuts, staged, k, self.input_shape, balance=cfg.balance,
@@ -118,6 +132,13 @@ class HybridTrainer(ParallelPhase, SerialPhase, Evaluation, Checkpoints):
         self.stages = split_model(self.model, self.cuts) if self.cuts else [self.model]
         shapes = {c.index: c.shape for c in cut_points(self.model, self.input_shape)}
         self.cut_shapes = [shapes[c] for c in self.cuts]
+        if cfg.ds == 0:         # --ds auto: config.json (and so --resume, --fork) names what it chose
+            cfg.ds = auto_ds(self.cut_shapes)
+            if any(p == "parallel" for p, _ in cfg.phases()) and self.cuts:
+                self.log(f"--ds auto: s = {cfg.ds}" + ("" if cfg.ds == AUTO_DS else
+                         f" (a cut's map is {AUTO_DS_MIN_SIDE}x{AUTO_DS_MIN_SIDE} or smaller: "
+                         f"{[tuple(s[-2:]) for s in self.cut_shapes]})"))
+        self.filt = FilterPair(cfg.ds, cfg.filter)
         if any(p == "parallel" for p, _ in cfg.phases()):
             for c, shp in zip(self.cuts, self.cut_shapes):
                 self.filt.check_shape(shp, where=f"cut {c}")
@@ -209,7 +230,8 @@ class HybridTrainer(ParallelPhase, SerialPhase, Evaluation, Checkpoints):
         if max_shift == 0:
             return None
         shapes = [(c.index, c.shape) for c in cut_points(staged.blocks, tuple(ds.x_train.shape[1:]))]
-        allowed = shift_view_cuts(shapes, tuple(ds.x_train.shape[-2:]), FilterPair(cfg.ds, cfg.filter), max_shift)
+        allowed = shift_view_cuts(shapes, tuple(ds.x_train.shape[-2:]), FilterPair(cfg.ds or AUTO_DS, cfg.filter),
+                                  max_shift)
         if len(allowed) < cfg.stages - 1:
             return None
         if len(allowed) < len(shapes):

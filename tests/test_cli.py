@@ -146,7 +146,7 @@ def test_train_help_shows_each_default_once_and_choices(capsys):
         main(["train", "--help"])
     text = capsys.readouterr().out
     assert "(default:" not in text and "default: None" not in text
-    assert "--method {serial,penalty,al}" in text and "--ds {1,2,4,8}" in text
+    assert "--method {serial,penalty,al}" in text and "--ds {auto,1,2,4,8}" in text
     assert "--delay-rank" not in text and "--delay-s" not in text          # test hooks stay hidden
     for group in ("data:", "model:", "method:", "schedule and optimisation:", "distributed and devices:", "output:"):
         assert group in text
