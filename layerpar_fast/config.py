@@ -75,7 +75,7 @@ class Config:
     replicas: int = 1
     cuts: str | None = None
     balance: str = "flops"
-    ds: int = 1
+    ds: int = 0                 # 0 = auto: 2, or 1 with a cut on an 8x8 (or smaller) map (trainer.auto_ds)
     filter: str = "avg_nearest"
     beta: float | None = None
     beta_c: float = 0.6

@@ -1,4 +1,4 @@
-"""--ds auto (the command line's default for layer-parallel runs): s = 2, or 1 when a cut's feature
+"""--ds auto (the default of the command line and of the library Config): s = 2, or 1 when a cut's feature
 map is 8x8 or smaller; the choice is written to config.json, so --resume and --fork keep it."""
 from __future__ import annotations
 
@@ -53,3 +53,17 @@ def test_bad_ds_values_are_one_line(capsys):
     assert make_config({"ds": "auto"}).ds == 0
     with pytest.raises(ConfigError, match="--ds must be one of auto, 1, 2, 4, 8"):
         make_config({"ds": 3})
+
+
+def test_the_library_default_is_auto_too():
+    """Config() (the library's default) resolves s like the command line: 2 on mnist_resnet's
+    14x14 cut at K = 2, and what it picked is the trainer's configuration from then on."""
+    from layerpar_fast.config import Config
+    from layerpar_fast.trainer import HybridTrainer
+    assert Config().ds == 0
+    cfg = make_config(method="al", stages=2, subset=64, test_subset=32, batch_size=32, progress=False,
+                      threads=1, schedule="parallel:1", kappa_iters=2, bn_recalib_batches=1, augment="none")
+    assert cfg.ds == 0
+    tr = HybridTrainer(cfg)
+    assert tr.cfg.ds == 2 and tr.filt.s == 2
+    assert make_config(method="serial").ds == 0
