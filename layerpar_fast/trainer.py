@@ -60,9 +60,11 @@ def auto_ds(cut_shapes: list[tuple[int, ...]]) -> int:
     a cut's map is 8x8 or smaller. The stage after a cut trains on U(D(a)); on an 8x8 map s = 2
     leaves a 4x4 grid, and with such a cut (ResNet-20/56 and WRN at K >= 4 on 32x32 images) the
     parallel phase stalls where s = 1 keeps learning (accuracy matrix round 9, docs/results.md);
-    grids of 7x7 and more (MNIST, CIFAR at K = 2 and 3) hold their accuracy at s = 2."""
+    grids of 7x7 and more (MNIST, CIFAR at K = 2 and 3) hold their accuracy at s = 2. A map that
+    s = 2 does not divide (odd sides) gets s = 1 as well: auto never picks a factor that is refused."""
     small = any(min(s[-2:]) <= AUTO_DS_MIN_SIDE for s in cut_shapes)
-    return 1 if small or not cut_shapes else AUTO_DS
+    odd = any(side % AUTO_DS for s in cut_shapes for side in s[-2:])
+    return 1 if small or odd or not cut_shapes else AUTO_DS
 
 
 class HybridTrainer(ParallelPhase, SerialPhase, Evaluation, Checkpoints):
@@ -135,9 +137,11 @@ class HybridTrainer(ParallelPhase, SerialPhase, Evaluation, Checkpoints):
         if cfg.ds == 0:         # --ds auto: config.json (and so --resume, --fork) names what it chose
             cfg.ds = auto_ds(self.cut_shapes)
             if any(p == "parallel" for p, _ in cfg.phases()) and self.cuts:
-                self.log(f"--ds auto: s = {cfg.ds}" + ("" if cfg.ds == AUTO_DS else
-                         f" (a cut's map is {AUTO_DS_MIN_SIDE}x{AUTO_DS_MIN_SIDE} or smaller: "
-                         f"{[tuple(s[-2:]) for s in self.cut_shapes]})"))
+                maps = [tuple(s[-2:]) for s in self.cut_shapes]
+                small = any(min(m) <= AUTO_DS_MIN_SIDE for m in maps)
+                why = (f"a cut's map is {AUTO_DS_MIN_SIDE}x{AUTO_DS_MIN_SIDE} or smaller" if small
+                       else f"s = {AUTO_DS} does not divide every cut's map")
+                self.log(f"--ds auto: s = {cfg.ds}" + ("" if cfg.ds == AUTO_DS else f" ({why}: {maps})"))
         self.filt = FilterPair(cfg.ds, cfg.filter)
         if any(p == "parallel" for p, _ in cfg.phases()):
             for c, shp in zip(self.cuts, self.cut_shapes):
