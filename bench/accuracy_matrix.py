@@ -37,6 +37,7 @@ from typing import Any
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
+from layerpar_fast.data import default_data_dir  # noqa: E402
 from layerpar_fast.metrics import atomic_write_json, environment  # noqa: E402
 
 # name -> the cell's data, model and budget (the options both arms share)
@@ -582,7 +583,8 @@ def main(argv: list[str] | None = None) -> int:
             q.add_argument("--ks", default="2,4")
             q.add_argument("--seeds", default="0")
             q.add_argument("--variant", default="default", help=f"SPH variants, comma separated: {', '.join(VARIANTS)}")
-            q.add_argument("--data-dir", default=os.environ.get("LAYERPAR_DATA_DIR", "../shared/data"))
+            q.add_argument("--data-dir", default=str(default_data_dir()),
+                           help="folder with the data files [default: $LAYERPAR_DATA_DIR, else ~/.cache/layerpar_fast]")
             q.add_argument("--test-subset", type=int, default=2000, help="test images evaluated every epoch")
             q.add_argument("--threads", type=int, help="torch threads per run (default: all cores)")
             q.add_argument("--fork", action="store_true",

@@ -43,9 +43,11 @@ def run_once(args: argparse.Namespace, compiled: bool, out: str) -> dict[str, fl
 
 
 def main(argv: list[str] | None = None) -> int:
+    from layerpar_fast.data import default_data_dir
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="cifar10")
-    p.add_argument("--data-dir", default=os.environ.get("LAYERPAR_DATA_DIR", "../shared/data"))
+    p.add_argument("--data-dir", default=str(default_data_dir()),
+                   help="folder with the data files [default: $LAYERPAR_DATA_DIR, else ~/.cache/layerpar_fast]")
     p.add_argument("--model", default="resnet20")
     p.add_argument("--subset", type=int, default=2560)
     p.add_argument("--test-subset", type=int, default=500)

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from layerpar_fast.data import default_data_dir
 from layerpar_fast.config import make_config
 from layerpar_fast.metrics import atomic_write_json, environment
 
@@ -356,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     o = sub.add_parser("ops", help="a parallel epoch with fused ops against reference ops (end to end)")
     for q in (e, o):
         q.add_argument("--dataset", default="cifar10")
-        q.add_argument("--data-dir", default=os.environ.get("LAYERPAR_DATA_DIR", "../shared/data"))
+        q.add_argument("--data-dir", default=str(default_data_dir()),
+                       help="folder with the data files [default: $LAYERPAR_DATA_DIR, else ~/.cache/layerpar_fast]")
         q.add_argument("--subset", type=int, default=5000)
         q.add_argument("--model", default="resnet20")
         q.add_argument("--method", default="al")

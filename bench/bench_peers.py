@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import peers_lib as P  # noqa: E402
 from peers_lib import UsageError  # noqa: E402
 from bench_parallel_epoch import _load  # noqa: E402  (the machine load beside each timing)
+from layerpar_fast.data import default_data_dir  # noqa: E402
 from layerpar_fast.config import PARALLEL_AUGMENTS  # noqa: E402
 
 PROG = "bench_peers"
@@ -413,7 +414,8 @@ def rows_from_rounds(raw: dict[str, Any], *, model: str, link: str, methods: lis
 # ------------------------------------------------------------------------------------ commands
 def _common(q: argparse.ArgumentParser) -> None:
     q.add_argument("--dataset", default="cifar10")
-    q.add_argument("--data-dir", default=os.environ.get("LAYERPAR_DATA_DIR", "../shared/data"))
+    q.add_argument("--data-dir", default=str(default_data_dir()),
+                   help="folder with the data files [default: $LAYERPAR_DATA_DIR, else ~/.cache/layerpar_fast]")
     q.add_argument("--subset", type=int, default=5000)
     q.add_argument("--batch-size", type=int, default=128)
     q.add_argument("--balance", default="flops", choices=("flops", "time"), help="how the cut is chosen")

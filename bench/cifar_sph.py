@@ -35,7 +35,7 @@ Every epoch is evaluated on the first --test-subset test images (the curves and 
 afterwards the final model is evaluated on the whole test set (`layerpar eval`), outside the
 wall time.
 
-    python bench/cifar_sph.py --data-dir ../shared/data --subset 10000 --epochs 16 --out runs/cifar_sph
+    python bench/cifar_sph.py --data-dir $DATA --subset 10000 --epochs 16 --out runs/cifar_sph
     python bench/cifar_sph.py ... --only serial,al-s2          # some runs; finished runs are kept
 
 It writes one run directory per run under OUT, OUT/results.json, OUT/results.md (the table) and
@@ -52,6 +52,7 @@ import sys
 import time
 from typing import Any
 
+from layerpar_fast.data import default_data_dir
 from layerpar_fast.metrics import atomic_write_json, environment
 
 RUNS: dict[str, list[str]] = {
@@ -264,7 +265,8 @@ def monitor_lines(results: dict[str, Any]) -> list[str]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", default=os.environ.get("LAYERPAR_DATA_DIR", "../shared/data"))
+    p.add_argument("--data-dir", default=str(default_data_dir()),
+                   help="folder with the data files [default: $LAYERPAR_DATA_DIR, else ~/.cache/layerpar_fast]")
     p.add_argument("--dataset", default="cifar10")
     p.add_argument("--model", default="resnet20")
     p.add_argument("--subset", type=int, help="training images (default: all 50000)")

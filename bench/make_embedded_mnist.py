@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Regenerate layerpar_fast/data/_data/mnist_small.npz from the shared MNIST archive.
 
-Usage: python bench/make_embedded_mnist.py [--src ../shared/data/mnist.npz] [--out PATH]
+Usage: python bench/make_embedded_mnist.py [--src $DATA/mnist.npz] [--out PATH]
 
 Keeps the first 10,000 training and the first 2,000 test images (uint8 (N,28,28,1)) and their
 labels, written like np.savez_compressed but with fixed zip timestamps, so that reruns produce the

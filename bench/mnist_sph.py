@@ -12,7 +12,7 @@ Every run shares the model, data order, batch size, learning rate and cosine sch
 
 Run (about 10 minutes per run on 2 cores; results are appended as they finish):
 
-    python bench/mnist_sph.py --data-dir ../shared/data --out runs/mnist_sph
+    python bench/mnist_sph.py --data-dir $DATA --out runs/mnist_sph
     python bench/mnist_sph.py --only serial,sph-al-gs        # a subset of the runs
 
 It writes RUN_DIR per run, ``OUT/results.json`` and a Markdown table ``OUT/results.md``.
@@ -25,6 +25,7 @@ import os
 import sys
 import time
 
+from layerpar_fast.data import default_data_dir
 from layerpar_fast.config import make_config
 from layerpar_fast.metrics import environment
 from layerpar_fast.trainer import HybridTrainer
@@ -45,7 +46,8 @@ RUNS = {
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", default=os.environ.get("LAYERPAR_DATA_DIR", "../shared/data"))
+    p.add_argument("--data-dir", default=str(default_data_dir()),
+                   help="folder with the data files [default: $LAYERPAR_DATA_DIR, else ~/.cache/layerpar_fast]")
     p.add_argument("--out", default="runs/mnist_sph")
     p.add_argument("--only", help="comma-separated run names")
     p.add_argument("--subset", type=int, help="training images (default: all 60000)")
