@@ -59,7 +59,8 @@ _TRAIN_OPTIONS: dict[str, tuple[Any, str]] = {
     "cuts": (str, "block indices where the network is cut, comma separated"),
     "balance": (str, f"how to choose cuts when --cuts is not given: {', '.join(BALANCE)}"),
     "ds": ("ds", "downsampling factor s of what is stored and sent: auto, 1, 2, 4 or 8 (auto: 2, or 1 when a "
-                 "cut's feature map is 8x8 or smaller, where a 4x4 grid costs accuracy)"),
+                 "cut's feature map is 8x8 or smaller and the serial epochs augment while the parallel phase does "
+                 "not, where a 4x4 grid costs accuracy; 1 also when s = 2 does not divide a cut's map)"),
     "filter": (str, "filter pair"),
     "beta": (float, "penalty weight beta (automatic: c/(lr*kappa_k) for Gauss-Seidel AL, otherwise 10)"),
     "beta_c": (float, "c in the automatic beta_k = c/(lr*kappa_k)"),

@@ -75,7 +75,7 @@ class Config:
     replicas: int = 1
     cuts: str | None = None
     balance: str = "flops"
-    ds: int = 0                 # 0 = auto: 2, or 1 with a cut on an 8x8 (or smaller) map (trainer.auto_ds)
+    ds: int = 0                 # 0 = auto: 2, or 1 with a cut on an 8x8 (or smaller) map in an augmented run (trainer.auto_ds)
     filter: str = "avg_nearest"
     beta: float | None = None
     beta_c: float = 0.6
@@ -139,7 +139,7 @@ class Config:
         accuracy matrix, rounds 7 and 8, docs/results.md)."""
         serial = max(1, round(epochs * self.tail_share))
         par = epochs - 1 - serial
-        aug_only = self.parallel_augment == "none" and self.augments()
+        aug_only = self.augmented_serial_only()
         # K >= 3: the first stages get their signal late in the phase; later = lower lr = less drift
         share = max(self.warm_share, self.aug_warm_share) if aug_only and self.stages >= 3 else self.warm_share
         warm = min(max(1, round(epochs * share)), serial)
@@ -149,6 +149,12 @@ class Config:
         if aug_only and self.stages >= 3 and par > 0:
             warm = max(1, min(warm, epochs - 2 * par))      # a tail at least as long as the phase
         return warm, par, epochs - warm - par
+
+    def augmented_serial_only(self) -> bool:
+        """The serial epochs augment and the parallel phase sees the images as they are
+        (``--parallel-augment none``): the case of the shorter, later K >= 3 phase and of s = 1 at
+        a cut on an 8x8 map under ``--ds auto``."""
+        return self.parallel_augment == "none" and self.augments()
 
     def augments(self) -> bool:
         """Whether the serial epochs train on augmented images. ``--augment auto`` means crop_flip for

@@ -55,16 +55,22 @@ AUTO_DS = 2
 AUTO_DS_MIN_SIDE = 8
 
 
-def auto_ds(cut_shapes: list[tuple[int, ...]]) -> int:
+def auto_ds(cut_shapes: list[tuple[int, ...]], augmented_serial: bool = True) -> int:
     """The downsampling factor ``--ds auto`` picks for cuts of these (C, H, W) shapes: 2, or 1 when
-    a cut's map is 8x8 or smaller. The stage after a cut trains on U(D(a)); on an 8x8 map s = 2
-    leaves a 4x4 grid, and with such a cut (ResNet-20/56 and WRN at K >= 4 on 32x32 images) the
-    parallel phase stalls where s = 1 keeps learning (accuracy matrix round 9, docs/results.md);
-    grids of 7x7 and more (MNIST, CIFAR at K = 2 and 3) hold their accuracy at s = 2. A map that
-    s = 2 does not divide (odd sides) gets s = 1 as well: auto never picks a factor that is refused."""
+    a cut's map is 8x8 or smaller and ``augmented_serial`` (the serial epochs augment, the parallel
+    phase sees the images as they are: Config.augmented_serial_only).
+
+    The stage after a cut trains on U(D(a)); on an 8x8 map s = 2 leaves a 4x4 grid. In the short,
+    late K >= 3 phase of an augmented run (ResNet-20/56 and WRN at K >= 4 on 32x32 images) the phase
+    then stalls where s = 1 keeps learning: −0.46 against −0.67 points over four paired seeds. Without
+    augmentation the same grid helps instead (+2.47 against +0.26 over two seeds: the coarse inputs
+    regularise a run that overfits), so there auto keeps s = 2 (accuracy matrix round 9,
+    docs/results.md). Grids of 7x7 and more (MNIST, CIFAR at K = 2 and 3) hold their accuracy at
+    s = 2. A map that s = 2 does not divide (odd sides) gets s = 1 whatever the augmentation: auto
+    never picks a factor that is refused."""
     small = any(min(s[-2:]) <= AUTO_DS_MIN_SIDE for s in cut_shapes)
     odd = any(side % AUTO_DS for s in cut_shapes for side in s[-2:])
-    return 1 if small or odd or not cut_shapes else AUTO_DS
+    return 1 if (small and augmented_serial) or odd or not cut_shapes else AUTO_DS
 
 
 class HybridTrainer(ParallelPhase, SerialPhase, Evaluation, Checkpoints):
@@ -135,13 +141,20 @@ class HybridTrainer(ParallelPhase, SerialPhase, Evaluation, Checkpoints):
         shapes = {c.index: c.shape for c in cut_points(self.model, self.input_shape)}
         self.cut_shapes = [shapes[c] for c in self.cuts]
         if cfg.ds == 0:         # --ds auto: config.json (and so --resume, --fork) names what it chose
-            cfg.ds = auto_ds(self.cut_shapes)
+            aug_serial = cfg.augmented_serial_only()
+            cfg.ds = auto_ds(self.cut_shapes, aug_serial)
             if any(p == "parallel" for p, _ in cfg.phases()) and self.cuts:
                 maps = [tuple(s[-2:]) for s in self.cut_shapes]
                 small = any(min(m) <= AUTO_DS_MIN_SIDE for m in maps)
-                why = (f"a cut's map is {AUTO_DS_MIN_SIDE}x{AUTO_DS_MIN_SIDE} or smaller" if small
-                       else f"s = {AUTO_DS} does not divide every cut's map")
-                self.log(f"--ds auto: s = {cfg.ds}" + ("" if cfg.ds == AUTO_DS else f" ({why}: {maps})"))
+                if cfg.ds != AUTO_DS:
+                    why = (f"a cut's map is {AUTO_DS_MIN_SIDE}x{AUTO_DS_MIN_SIDE} or smaller and the parallel phase "
+                           "sees un-augmented images between augmented serial epochs" if small and aug_serial
+                           else f"s = {AUTO_DS} does not divide every cut's map")
+                    self.log(f"--ds auto: s = {cfg.ds} ({why}: {maps})")
+                else:
+                    self.log(f"--ds auto: s = {cfg.ds}" + (f" (a cut's map is {maps}; s = 1 is picked for maps of "
+                                                           "8x8 or smaller only when the serial epochs augment and the "
+                                                           "parallel phase does not)" if small else ""))
         self.filt = FilterPair(cfg.ds, cfg.filter)
         if any(p == "parallel" for p, _ in cfg.phases()):
             for c, shp in zip(self.cuts, self.cut_shapes):

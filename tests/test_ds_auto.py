@@ -1,5 +1,6 @@
 """--ds auto (the default of the command line and of the library Config): s = 2, or 1 when a cut's feature
-map is 8x8 or smaller; the choice is written to config.json, so --resume and --fork keep it."""
+map is 8x8 or smaller in an augmented run whose parallel phase is not (or s = 2 does not divide a map); the
+choice is written to config.json, so --resume and --fork keep it."""
 from __future__ import annotations
 
 import json
@@ -14,19 +15,49 @@ QUICK = ["--subset", "256", "--test-subset", "128", "--batch-size", "64", "--no-
          "--transport", "local", "--kappa-iters", "2", "--bn-recalib-batches", "1"]
 
 
-@pytest.mark.parametrize("shapes, s", [
-    ([(32, 16, 16)], 2),                                   # ResNet-20, K = 2
-    ([(16, 32, 32), (32, 16, 16)], 2),                     # K = 3
-    ([(16, 32, 32), (32, 16, 16), (64, 8, 8)], 1),         # K = 4: a cut on the 8x8 map
-    ([(8, 28, 28), (32, 14, 14), (32, 14, 14)], 2),        # mnist_resnet, K = 4 (7x7 grids)
-    ([(32, 10, 10)], 2),
-    ([(32, 9, 9)], 1),                                     # s = 2 would not divide it
-    ([(32, 12, 9)], 1),
-    ([(32, 7, 7)], 1),
-    ([], 1),
+@pytest.mark.parametrize("shapes, s, s_plain", [
+    ([(32, 16, 16)], 2, 2),                                   # ResNet-20, K = 2
+    ([(16, 32, 32), (32, 16, 16)], 2, 2),                     # K = 3
+    ([(16, 32, 32), (32, 16, 16), (64, 8, 8)], 1, 2),         # K = 4: a cut on the 8x8 map
+    ([(8, 28, 28), (32, 14, 14), (32, 14, 14)], 2, 2),        # mnist_resnet, K = 4 (7x7 grids)
+    ([(32, 10, 10)], 2, 2),
+    ([(32, 9, 9)], 1, 1),                                     # s = 2 would not divide it
+    ([(32, 12, 9)], 1, 1),
+    ([(32, 7, 7)], 1, 1),
+    ([(32, 4, 4)], 1, 2),
+    ([], 1, 1),
 ])
-def test_auto_ds_rule(shapes, s):
-    assert auto_ds(shapes) == s
+def test_auto_ds_rule(shapes, s, s_plain):
+    """s: the serial epochs augment and the parallel phase does not; s_plain: no augmentation (or the
+    phase augments too), where the 4x4 grid of an 8x8 map is kept (round 9: +2.47 against +0.26)."""
+    assert auto_ds(shapes) == auto_ds(shapes, augmented_serial=True) == s
+    assert auto_ds(shapes, augmented_serial=False) == s_plain
+
+
+def tiny32(augment):
+    """A ResNet-20-shaped case on 32x32 images cut on its 8x8 map, with or without augmentation."""
+    import torch
+    from layerpar_fast.data import Dataset
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (80, 3, 32, 32), generator=g, dtype=torch.uint8)
+    y = torch.randint(0, 10, (80,), generator=g)
+    data = Dataset(name="tiny32", x_train=x[:64].contiguous(), y_train=y[:64], x_test=x[64:].contiguous(),
+                   y_test=y[64:], num_classes=10, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    return data, make_config(method="al", model="resnet20", stages=2, cuts="8", batch_size=32, progress=False,
+                             threads=1, schedule="parallel:1", kappa_iters=2, bn_recalib_batches=1, augment=augment,
+                             eval_batch_size=16)
+
+
+@pytest.mark.parametrize("augment, parallel_augment, s", [("crop_flip", "none", 1), ("none", "none", 2)])
+def test_the_trainer_picks_by_augmentation(augment, parallel_augment, s):
+    from layerpar_fast.trainer import HybridTrainer
+    data, cfg = tiny32(augment)
+    cfg.parallel_augment = parallel_augment
+    logged = []
+    tr = HybridTrainer(cfg, data=data, log=logged.append)
+    assert tr.cut_shapes == [(64, 8, 8)] and tr.cfg.ds == s and tr.filt.s == s
+    line = [m for m in logged if m.startswith("--ds auto")]
+    assert line and (("sees un-augmented images between augmented serial epochs" in line[0]) == (s == 1))
 
 
 def test_auto_is_the_default_and_config_json_names_the_choice(tmp_path, capsys):
@@ -35,11 +66,11 @@ def test_auto_is_the_default_and_config_json_names_the_choice(tmp_path, capsys):
     assert main(["train", *QUICK, "--stages", "4", "--out", str(run)]) == 0
     assert json.loads((run / "config.json").read_text())["ds"] == 2
     assert "--ds auto: s = 2" in capsys.readouterr().out
-    # ResNet-20 on 28x28 images cut on its 7x7 map -> s = 1, named in the log
+    # ResNet-20 on 28x28 images cut on its 7x7 map -> s = 1 (s = 2 does not divide 7), named in the log
     run1 = tmp_path / "r1"
     assert main(["train", *QUICK, "--model", "resnet20", "--stages", "2", "--cuts", "8", "--out", str(run1)]) == 0
     assert json.loads((run1 / "config.json").read_text())["ds"] == 1
-    assert "--ds auto: s = 1 (a cut's map is 8x8 or smaller" in capsys.readouterr().out
+    assert "--ds auto: s = 1 (s = 2 does not divide every cut's map" in capsys.readouterr().out
     # an explicit value wins; "auto" spelled out; the resolved value resumes
     run2 = tmp_path / "r2"
     assert main(["train", *QUICK, "--model", "resnet20", "--stages", "2", "--cuts", "8", "--ds", "auto",
