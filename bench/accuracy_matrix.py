@@ -214,13 +214,8 @@ def collect(d: str, cmd: list[str]) -> dict[str, Any]:
 
 def _realized(phases: list[str]) -> str:
     """['serial', 'parallel', 'parallel', 'serial'] -> 'serial:1,parallel:2,serial:1'."""
-    out: list[list[Any]] = []
-    for p in phases:
-        if out and out[-1][0] == p:
-            out[-1][1] += 1
-        else:
-            out.append([p, 1])
-    return ",".join(f"{p}:{n}" for p, n in out)
+    from layerpar_fast.config import schedule_text
+    return schedule_text(phases)
 
 
 def _schedule(cfg: dict[str, Any]) -> str:

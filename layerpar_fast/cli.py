@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Any, Sequence
 
-from .config import (AL_ORDERS, AUGMENTS, AUX_DTYPES, BALANCE, DEVICES, LR_SCHEDULES, METHODS, SERIAL_ON,
+from .config import (schedule_text, AL_ORDERS, AUGMENTS, AUX_DTYPES, BALANCE, DEVICES, LR_SCHEDULES, METHODS, SERIAL_ON,
                      TRANSPORTS, Config, ConfigError, load_config_file, make_config, read_run_config)
 
 # option name -> (type, help); the defaults come from Config
@@ -325,13 +325,7 @@ def _fork_config(args: argparse.Namespace) -> tuple[Config, str, bool]:
 
 
 def _realized_text(phases: list[str]) -> str:
-    out: list[list[Any]] = []
-    for p in phases:
-        if out and out[-1][0] == p:
-            out[-1][1] += 1
-        else:
-            out.append([p, 1])
-    return ",".join(f"{p}:{n}" for p, n in out) or "no epoch"
+    return schedule_text(phases) or "no epoch"
 
 
 #: options a resumed run may change: how it runs, not what it computes

@@ -302,6 +302,18 @@ def parse_schedule(spec: str) -> list[tuple[str, int]]:
     return out
 
 
+def schedule_text(phases: list[str]) -> str:
+    """The schedule spec of the epochs' phases as run: ['serial', 'parallel', 'parallel', 'serial'] ->
+    'serial:1,parallel:2,serial:1' ('' for no epoch)."""
+    out: list[list[Any]] = []
+    for p in phases:
+        if out and out[-1][0] == p:
+            out[-1][1] += 1
+        else:
+            out.append([p, 1])
+    return ",".join(f"{p}:{n}" for p, n in out)
+
+
 def _split_top(spec: str) -> list[str]:
     parts, depth, cur = [], 0, ""
     for ch in spec:
