@@ -45,7 +45,8 @@ def plot_runs(run_dirs: Sequence[str], output: str, labels: Sequence[str] | None
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     for recs, name in zip(runs, names):
         ep = [r["epoch"] for r in recs]
-        wall = [r.get("wall_time_s", sum(q["epoch_time_s"] for q in recs[: i + 1])) for i, r in enumerate(recs)]
+        wall = [r["wall_time_s"] if r.get("wall_time_s") is not None else sum(q["epoch_time_s"] for q in recs[: i + 1])
+                for i, r in enumerate(recs)]
         acc = [100 * r["test_acc"] for r in recs]
         loss = [r["test_loss"] for r in recs]
         for row, ys in ((0, acc), (1, loss)):
