@@ -37,6 +37,7 @@ from typing import Any
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
+from layerpar_fast.config import schedule_text  # noqa: E402
 from layerpar_fast.data import default_data_dir  # noqa: E402
 from layerpar_fast.metrics import atomic_write_json, environment  # noqa: E402
 
@@ -200,7 +201,7 @@ def collect(d: str, cmd: list[str]) -> dict[str, Any]:
     phases = [r["phase"] for r in recs]
     return {
         "command": "layerpar train " + " ".join(cmd[4:]),
-        "schedule": _realized(phases),       # as run (--switch-drift may end a parallel phase early)
+        "schedule": schedule_text(phases),       # as run (--switch-drift may end a parallel phase early)
         "schedule_configured": summary["config"].get("schedule") or _schedule(summary["config"]),
         "test_acc": 100 * full["test_acc"], "num_test": full["num_test"],
         "wall_s": summary["wall_time_s"],
@@ -210,12 +211,6 @@ def collect(d: str, cmd: list[str]) -> dict[str, Any]:
                        "probe_cosine": r.get("probe_cosine"), "violation": r.get("violation")} for r in recs],
         "ds_test_acc_last_parallel": par[-1].get("ds_test_acc") if par else None,
     }
-
-
-def _realized(phases: list[str]) -> str:
-    """['serial', 'parallel', 'parallel', 'serial'] -> 'serial:1,parallel:2,serial:1'."""
-    from layerpar_fast.config import schedule_text
-    return schedule_text(phases)
 
 
 def _schedule(cfg: dict[str, Any]) -> str:

@@ -56,7 +56,12 @@ AUTO_DS_MIN_SIDE = 8
 
 
 def auto_ds(cut_shapes: list[tuple[int, ...]], augmented_serial: bool = True) -> int:
-    """The downsampling factor ``--ds auto`` picks for cuts of these (C, H, W) shapes: 2, or 1 when
+    """The downsampling factor ``--ds auto`` picks (auto_ds_choice without the reason)."""
+    return auto_ds_choice(cut_shapes, augmented_serial)[0]
+
+
+def auto_ds_choice(cut_shapes: list[tuple[int, ...]], augmented_serial: bool = True) -> tuple[int, str]:
+    """(s, why) for ``--ds auto``: the downsampling factor it picks for cuts of these (C, H, W) shapes: 2, or 1 when
     a cut's map is 8x8 or smaller and ``augmented_serial`` (the serial epochs augment, the parallel
     phase sees the images as they are: Config.augmented_serial_only).
 
@@ -67,10 +72,21 @@ def auto_ds(cut_shapes: list[tuple[int, ...]], augmented_serial: bool = True) ->
     regularise a run that overfits), so there auto keeps s = 2 (accuracy matrix round 9,
     docs/results.md). Grids of 7x7 and more (MNIST, CIFAR at K = 2 and 3) hold their accuracy at
     s = 2. A map that s = 2 does not divide (odd sides) gets s = 1 whatever the augmentation: auto
-    never picks a factor that is refused."""
-    small = any(min(s[-2:]) <= AUTO_DS_MIN_SIDE for s in cut_shapes)
-    odd = any(side % AUTO_DS for s in cut_shapes for side in s[-2:])
-    return 1 if (small and augmented_serial) or odd or not cut_shapes else AUTO_DS
+    never picks a factor that is refused. ``why`` says what made the choice, for the log ('' when
+    s = 2 and no map is small)."""
+    maps = [tuple(s[-2:]) for s in cut_shapes]
+    small = any(min(m) <= AUTO_DS_MIN_SIDE for m in maps)
+    if not cut_shapes:
+        return 1, "no cut"
+    if small and augmented_serial:
+        return 1, (f"a cut's map is {AUTO_DS_MIN_SIDE}x{AUTO_DS_MIN_SIDE} or smaller and the parallel phase sees "
+                   f"un-augmented images between augmented serial epochs: {maps}")
+    if any(side % AUTO_DS for m in maps for side in m):
+        return 1, f"s = {AUTO_DS} does not divide every cut's map: {maps}"
+    if small:
+        return AUTO_DS, (f"a cut's map is {maps}; s = 1 is picked for maps of 8x8 or smaller only when the serial "
+                         "epochs augment and the parallel phase does not")
+    return AUTO_DS, ""
 
 
 class HybridTrainer(ParallelPhase, SerialPhase, Evaluation, Checkpoints):
@@ -141,20 +157,9 @@ class HybridTrainer(ParallelPhase, SerialPhase, Evaluation, Checkpoints):
         shapes = {c.index: c.shape for c in cut_points(self.model, self.input_shape)}
         self.cut_shapes = [shapes[c] for c in self.cuts]
         if cfg.ds == 0:         # --ds auto: config.json (and so --resume, --fork) names what it chose
-            aug_serial = cfg.augmented_serial_only()
-            cfg.ds = auto_ds(self.cut_shapes, aug_serial)
+            cfg.ds, why = auto_ds_choice(self.cut_shapes, cfg.augmented_serial_only())
             if any(p == "parallel" for p, _ in cfg.phases()) and self.cuts:
-                maps = [tuple(s[-2:]) for s in self.cut_shapes]
-                small = any(min(m) <= AUTO_DS_MIN_SIDE for m in maps)
-                if cfg.ds != AUTO_DS:
-                    why = (f"a cut's map is {AUTO_DS_MIN_SIDE}x{AUTO_DS_MIN_SIDE} or smaller and the parallel phase "
-                           "sees un-augmented images between augmented serial epochs" if small and aug_serial
-                           else f"s = {AUTO_DS} does not divide every cut's map")
-                    self.log(f"--ds auto: s = {cfg.ds} ({why}: {maps})")
-                else:
-                    self.log(f"--ds auto: s = {cfg.ds}" + (f" (a cut's map is {maps}; s = 1 is picked for maps of "
-                                                           "8x8 or smaller only when the serial epochs augment and the "
-                                                           "parallel phase does not)" if small else ""))
+                self.log(f"--ds auto: s = {cfg.ds}" + (f" ({why})" if why else ""))
         self.filt = FilterPair(cfg.ds, cfg.filter)
         if any(p == "parallel" for p, _ in cfg.phases()):
             for c, shp in zip(self.cuts, self.cut_shapes):
