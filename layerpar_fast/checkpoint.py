@@ -82,6 +82,7 @@ class Checkpoints:
             "scalers": [sc.state_dict() for sc in [*self.scalers, self.serial_scaler]],
             "records": self.records,
             "switches": self.switches,
+            "rollbacks": self.rollbacks,
             "wall_offset": self.wall_offset,
             "phase_state": None if self.phase_state is None else vars(self.phase_state),
             "aux": self._aux_checkpoint(),
@@ -116,6 +117,10 @@ class Checkpoints:
         self.switches = list(state.get("switches") or [])
         for e in self.switches:             # parallel phases ended early (--switch-drift)
             _end_phase_after(self.plan, e)
+        from .trainer import _serial_from
+        self.rollbacks = list(state.get("rollbacks") or [])
+        for r in self.rollbacks:            # parallel epochs undone (--drift-guard), in the order they happened
+            _serial_from(self.plan, int(r["epoch"]) - 1)
         self.wall_offset = state["wall_offset"]
         ps = state.get("phase_state")
         self.phase_state = PhaseState(**ps) if ps else None

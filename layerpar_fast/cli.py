@@ -31,6 +31,9 @@ _TRAIN_OPTIONS: dict[str, tuple[Any, str]] = {
                     "left out: the run is serial; K = 2: N >= 5, K = 4: N >= 11)"),
     "switch_drift": (float, "end a parallel phase early when a stage's drift ||a - lambda||/||lambda|| exceeds this "
                             "(the rest of the phase runs serial; default: off)"),
+    "drift_guard": (float, "undo a parallel epoch in which a stage's drift ||a - lambda||/||lambda|| exceeds this "
+                           "(parameters and optimizer state back to the epoch's start); the epoch and the rest of "
+                           "its phase then run serial (0: off)"),
     "tail_share": (float, "share S/E of the epochs in the default schedule's serial tail (serial:1,parallel:E-1-S,serial:S)"),
     "warm_share": (float, "share of the epochs in the default schedule's serial warm start: W = round(E x share), "
                           "at least 1 (0: one epoch); the parallel phase keeps its E-1-S epochs and the tail gives "
@@ -113,7 +116,7 @@ _GROUPS = {
                "mult_init", "stage_lr", "window", "parallel_augment", "aux_dtype", "aux_device", "kappa_iters",
                "bn_recalib_batches"),
     "schedule and optimisation": ("epochs", "schedule", "tail_share", "warm_share", "aug_parallel_share", "aug_warm_share",
-                                  "switch_drift", "batch_size", "eval_batch_size",
+                                  "switch_drift", "drift_guard", "batch_size", "eval_batch_size",
                                   "lr", "lr_schedule", "milestones", "lr_decay", "warmup_epochs", "momentum",
                                   "nesterov", "weight_decay", "wd_bn", "label_smoothing", "seed"),
     "distributed and devices": ("transport", "serial_on", "serial_bn", "timeout_s", "threads", "device"),
@@ -258,7 +261,7 @@ def _train_config(args: argparse.Namespace) -> tuple[Config, str, bool]:
 
 #: options a fork may change while its source has run serial epochs only: they act in parallel phases
 #: (or shape the schedule's later phases, checked against the epochs already run)
-FORKABLE = ("parallel_augment", "mult_init", "stage_lr", "switch_drift", "beta", "beta_c", "gamma", "al_order",
+FORKABLE = ("parallel_augment", "mult_init", "stage_lr", "switch_drift", "drift_guard", "beta", "beta_c", "gamma", "al_order",
             "window", "aux_dtype", "kappa_iters", "ds", "filter", "schedule", "warm_share", "aug_warm_share",
             "tail_share", "aug_parallel_share", "bn_recalib_batches")
 

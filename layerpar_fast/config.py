@@ -57,6 +57,7 @@ class Config:
     aug_parallel_share: float = 0.5
     aug_warm_share: float = 0.65
     switch_drift: float | None = None
+    drift_guard: float = 0.0    # 0 = off; > 0: a parallel epoch whose drift exceeds it is undone and rerun serially
     # optimisation
     batch_size: int = 128
     eval_batch_size: int = 1000
@@ -222,6 +223,8 @@ class Config:
              f"--cifar100-labels {self.cifar100_labels!r} is not one of fine, coarse")
         need(self.switch_drift is None or self.switch_drift > 0,
              f"--switch-drift must be > 0, got {self.switch_drift}")
+        need(self.drift_guard >= 0 and math.isfinite(self.drift_guard),
+             f"--drift-guard must be a number >= 0 (0: off), got {self.drift_guard}")
         need(0 < self.tail_share < 1, f"--tail-share must be in (0, 1), got {self.tail_share}")
         need(0 <= self.warm_share < 1, f"--warm-share must be in [0, 1), got {self.warm_share}")
         need(0 <= self.aug_warm_share < 1, f"--aug-warm-share must be in [0, 1), got {self.aug_warm_share}")
@@ -429,7 +432,7 @@ def _type_words(t: str) -> str:
 
 
 #: options that only act in a layer-parallel run (a parallel phase), with their default
-PARALLEL_ONLY = ("parallel_augment", "mult_init", "stage_lr", "switch_drift", "beta", "al_order", "window",
+PARALLEL_ONLY = ("parallel_augment", "mult_init", "stage_lr", "switch_drift", "drift_guard", "beta", "al_order", "window",
                  "aux_dtype", "kappa_iters")
 
 

@@ -16,6 +16,7 @@ process per stage; :class:`DistTrainer` is the trainer with it).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -202,6 +203,7 @@ class HybridTrainer(ParallelPhase, SerialPhase, Evaluation, Checkpoints):
         self.epoch = 0
         self.plan = self.epoch_plan()      # may change: --switch-drift ends a parallel phase early
         self.switches: list[int] = []      # epochs after which a parallel phase was ended early
+        self.rollbacks: list[dict[str, Any]] = []   # records of parallel epochs undone by --drift-guard
         self.records: list[dict[str, Any]] = []
         self.phase_state: PhaseState | None = None
         self.stores: dict[str, list[Any]] | None = None
@@ -341,12 +343,16 @@ class HybridTrainer(ParallelPhase, SerialPhase, Evaluation, Checkpoints):
                 rec = {"epoch": self.epoch + 1, "phase": "idle", "train_loss": float("nan"),
                        "train_acc": float("nan"), "lr": self.lr_at((self.epoch + 1) * self.steps_per_epoch - 1)}
             else:
+                snap = self._snapshot() if cfg.drift_guard > 0 else None
                 if j == 0 or self.stores is None:
                     self._enter_parallel(pidx, self.epoch)
                 rec = self._parallel_epoch(self.epoch)
             rec.update(self._evaluate_epoch(phase))
             rec["epoch_time_s"] = time.perf_counter() - t0
             rec["wall_time_s"] = time.perf_counter() - t_start
+            if phase == "parallel" and cfg.drift_guard > 0 and should_switch(rec.get("violation") or [], cfg.drift_guard):
+                self._roll_back(snap, rec)    # the epoch reruns as a serial epoch (the same index)
+                continue
             self.records.append(rec)
             if writer:
                 writer.write(rec)
@@ -378,6 +384,36 @@ class HybridTrainer(ParallelPhase, SerialPhase, Evaluation, Checkpoints):
         return summary
 
 
+    def _snapshot(self) -> dict[str, Any]:
+        """What a parallel epoch changes and --drift-guard restores: the parameters and buffers of
+        every stage, the optimizers (momentum) and the loss scalers, copied before the epoch (and
+        before the phase's initial fill when the epoch opens the phase). Every rank holds every
+        stage's state in sync at an epoch's start, so every rank restores the same state."""
+        return {"model": copy.deepcopy(self.model.state_dict()),
+                "optimizers": [copy.deepcopy(o.state_dict()) for o in self.optimizers],
+                "scalers": [copy.deepcopy(sc.state_dict()) for sc in [*self.scalers, self.serial_scaler]]}
+
+    def _roll_back(self, snap: dict[str, Any], rec: dict[str, Any]) -> None:
+        """--drift-guard: undo the parallel epoch just run (its record goes to ``self.rollbacks``,
+        not to the metrics) and turn it and the rest of its phase into serial epochs. The result is
+        the run whose schedule ended that phase one epoch earlier, bit for bit (tested); the
+        decision is made from the epoch's record, the same on every rank."""
+        e = self.epoch
+        self.model.load_state_dict(snap["model"])
+        for opt, s in zip(self.optimizers, snap["optimizers"]):
+            opt.load_state_dict(s)
+        for sc, s in zip([*self.scalers, self.serial_scaler], snap["scalers"]):
+            if s:
+                sc.load_state_dict(s)
+        self.stores = None
+        self.phase_state = None
+        rest = _serial_from(self.plan, e)
+        rec = dict(rec, rolled_back=True)
+        self.rollbacks.append(rec)
+        self.log(f"drift {max(rec['violation']):.3f} > --drift-guard {self.cfg.drift_guard:g} in parallel epoch "
+                 f"{e + 1}: the epoch is undone and reruns serially, with the {rest - 1} remaining epoch(s) "
+                 f"of its phase (the {rec['epoch_time_s']:.1f} s it took are lost)")
+
     def _summary(self, wall: float) -> dict[str, Any]:
         accs = [r["test_acc"] for r in self.records]
         final = self.records[-1] if self.records else {}
@@ -390,6 +426,8 @@ class HybridTrainer(ParallelPhase, SerialPhase, Evaluation, Checkpoints):
             "time_per_epoch_s": {p: _mean([r["epoch_time_s"] for r in self.records if r["phase"] == p])
                                  for p in ("serial", "parallel", "idle")},
             "config": self.cfg.to_dict(),
+            "rolled_back": [{k: r[k] for k in ("epoch", "violation", "test_acc", "epoch_time_s") if k in r}
+                            for r in self.rollbacks],
             "cuts": self.cuts,
             "cut_shapes": self.cut_shapes,
             "dataset": {"name": self.data.name, "train": self.data.num_train, "test": self.data.num_test},
@@ -498,6 +536,16 @@ def _end_phase_after(plan: list[tuple[int, str, int, int]], epoch: int) -> None:
     rest = n - 1 - j
     for i in range(rest):
         plan[epoch + 1 + i] = (pidx, "serial", i, rest)
+
+
+def _serial_from(plan: list[tuple[int, str, int, int]], epoch: int) -> int:
+    """In place: the parallel phase running at ``epoch`` (0-based) runs serial from that epoch on
+    (--drift-guard). Returns how many epochs became serial."""
+    pidx, _, j, n = plan[epoch]
+    rest = n - j
+    for i in range(rest):
+        plan[epoch + i] = (pidx, "serial", i, rest)
+    return rest
 
 
 def should_switch(violations: list[float], threshold: float | None) -> bool:

@@ -179,6 +179,7 @@ CASES_2 = [
     dict(method="al", al_order="jacobi", ds=2, parallel_augment="shift", delay_rank=1, delay_s=0.02),
     dict(method="al", al_order="gs", ds=2, parallel_augment="shift_flip", delay_rank=0, delay_s=0.02),
     dict(method="al", al_order="gs", ds=2, mult_init="grad", delay_rank=1, delay_s=0.02),
+    dict(method="al", ds=2, schedule="serial:1,parallel:3,serial:1", drift_guard=0.06, delay_rank=0, delay_s=0.01),
     dict(method="al", al_order="jacobi", ds=2, mult_init="grad", parallel_augment="shift", delay_rank=0, delay_s=0.02),
     dict(method="al", al_order="gs", ds=2, amp="bf16", delay_rank=1, delay_s=0.02),
 ]
@@ -193,6 +194,8 @@ CASES_3 = [
     dict(method="al", al_order="gs", ds=2, mult_init="grad", delay_rank=2, delay_s=0.02),
     dict(method="penalty", ds=2, mult_init="grad", delay_rank=0, delay_s=0.02),
     dict(method="al", ds=2, schedule="parallel:3", switch_drift=1e-9, delay_rank=1, delay_s=0.01),  # same switch
+    # --drift-guard undoes parallel epoch 3 (drifts 0.03 / 0.08-0.09 in epochs 2 / 3) on every rank alike
+    dict(method="al", ds=2, schedule="serial:1,parallel:3,serial:1", drift_guard=0.06, delay_rank=2, delay_s=0.01),
 ]
 
 

@@ -388,6 +388,81 @@ def test_switch_drift_ends_the_parallel_phase_and_resumes_exactly(tmp_path):
     assert [r["phase"] for r in resumed.records] == [r["phase"] for r in full.records]
 
 
+# ------------------------------------------------------------------------------ --drift-guard
+# drifts of this setup (serial:1,parallel:3,serial:1): epoch 2 [0.024, 0.014], epoch 3 [0.055, 0.056]
+GUARDED = dict(schedule="serial:1,parallel:3,serial:1", drift_guard=0.04)
+
+
+def test_drift_guard_undoes_the_epoch_bit_for_bit_the_shorter_phase(tmp_path):
+    """A parallel epoch whose drift exceeds --drift-guard is undone: the run equals, bit for bit, the
+    run whose schedule ended the phase one epoch earlier; the undone epoch's record is kept apart."""
+    logs = []
+    g = trainer(tmp_path / "g", log=logs.append, **GUARDED)
+    summary = g.run()
+    oracle = trainer(schedule="serial:1,parallel:1,serial:3")
+    oracle.run()
+    assert_same(params(g.model), params(oracle.model))
+    assert [r["phase"] for r in g.records] == ["serial", "parallel", "serial", "serial", "serial"]
+    assert [r["test_acc"] for r in g.records] == [r["test_acc"] for r in oracle.records]
+    assert [r["epoch"] for r in g.rollbacks] == [3] and max(g.rollbacks[0]["violation"]) > 0.04
+    assert [r["epoch"] for r in summary["rolled_back"]] == [3]
+    assert any("--drift-guard 0.04 in parallel epoch 3: the epoch is undone" in m for m in logs)
+    import json
+    lines = [json.loads(x) for x in open(tmp_path / "g" / "metrics.jsonl")]
+    assert [r["epoch"] for r in lines] == [1, 2, 3, 4, 5] and not any(r.get("rolled_back") for r in lines)
+
+
+def test_drift_guard_on_the_phase_s_first_epoch_gives_the_serial_run():
+    """Undoing the phase's first epoch undoes its initial fill too: the run is the serial one."""
+    g = trainer(schedule="serial:1,parallel:2,serial:1", drift_guard=1e-9)
+    g.run()
+    oracle = trainer(schedule="serial:4")
+    oracle.run()
+    assert_same(params(g.model), params(oracle.model))
+    assert [r["epoch"] for r in g.rollbacks] == [2] and all(r["phase"] == "serial" for r in g.records)
+
+
+def test_drift_guard_off_and_below_its_bound_changes_nothing():
+    ref = trainer(schedule="serial:1,parallel:3,serial:1")
+    ref.run()
+    high = trainer(schedule="serial:1,parallel:3,serial:1", drift_guard=0.5)
+    high.run()
+    assert_same(params(ref.model), params(high.model)) and not high.rollbacks
+
+
+def test_drift_guard_resumes_exactly(tmp_path):
+    """Killed in the serial epoch after an undone epoch, or in the undone epoch itself: the resumed
+    run ends with the parameters, phases and rollback records of the uninterrupted one."""
+    full = trainer(tmp_path / "full", **GUARDED)
+    full.run()
+
+    class Kill(Exception):
+        pass
+
+    for stage, when in (("after", "epoch   4/"), ("inside", "drift ")):
+        def killer(msg, when=when):
+            if msg.startswith(when):
+                raise Kill
+        d = tmp_path / stage
+        cut = trainer(d, **GUARDED)
+        cut.log = killer
+        with pytest.raises(Kill):
+            cut.run()
+        resumed = HybridTrainer(cut.cfg, str(d), data=tiny_data(), model=tiny_model(), cuts=[2, 3],
+                                log=lambda m: None, resume=True)
+        resumed.run()
+        assert_same(params(full.model), params(resumed.model))
+        assert [r["phase"] for r in resumed.records] == [r["phase"] for r in full.records]
+        assert [r["epoch"] for r in resumed.rollbacks] == [3], stage
+
+
+def test_drift_guard_bad_values_are_refused():
+    from layerpar_fast.config import ConfigError
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="--drift-guard must be a number >= 0"):
+            make_config(method="al", stages=2, drift_guard=bad)
+
+
 def test_too_short_a_budget_warns_that_the_default_schedule_is_serial():
     logs = []
     cfg = make_config(method="al", stages=3, ds=2, batch_size=16, epochs=4, progress=False, augment="none", threads=1)
