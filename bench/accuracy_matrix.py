@@ -207,6 +207,7 @@ def collect(d: str, cmd: list[str]) -> dict[str, Any]:
         "test_acc": 100 * full["test_acc"], "num_test": full["num_test"],
         "wall_s": summary["wall_time_s"],
         "parallel_share": phases.count("parallel") / max(1, len(phases)),
+        "undone_epochs": len(summary.get("rolled_back") or []),   # parallel epochs undone by --drift-guard
         "per_epoch": [{"epoch": r["epoch"], "phase": r["phase"], "test_acc": r.get("test_acc"),
                        "train_acc": r.get("train_acc"), "ds_test_acc": r.get("ds_test_acc"),
                        "probe_cosine": r.get("probe_cosine"), "violation": r.get("violation")} for r in recs],
@@ -452,6 +453,7 @@ def matrix(results: dict[str, Any], variant: str) -> list[dict[str, Any]]:
                 "gap_per_seed": [round(g, 3) for g in gaps],
                 "parallel_share": round(mean([r["parallel_share"] for r in sph]), 3),
                 "schedule": sph[0]["schedule"],
+                "undone_epochs": round(mean([r.get("undone_epochs", 0) for r in sph]), 3),
                 "wall_s": round(mean([r["wall_s"] for r in sph]), 1),
                 "serial_wall_s": round(mean([r["wall_s"] for r in ser]), 1),
                 "serial_reused": all(r.get("reused_from") for r in sph),   # no parallel phase: the baseline
@@ -495,7 +497,7 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
             mark = " †" if r.get("carried_from") else ""
             lines.append(f"| {r['cell']}{mark} | {r['K']} | {','.join(map(str, r['seeds']))} | {r['serial_acc']:.2f}% | "
                          f"{r['sph_acc']:.2f}% | {r['gap']:+.2f} | {' '.join(f'{g:+.2f}' for g in r['gap_per_seed'])} | "
-                         f"{ok} | {r['parallel_share']:.2f} | `{r['schedule']}` | {r['wall_s']:.0f} s | "
+                         f"{ok} | {r['parallel_share']:.2f} | `{r['schedule']}`{_undone(r)} | {r['wall_s']:.0f} s | "
                          f"{r['serial_wall_s']:.0f} s |")
         if any(r.get("serial_reused") for r in rows):
             lines.append("")
@@ -509,6 +511,12 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
     with open(args.md, "w") as f:
         f.write("\n".join(lines))
     plot(tables, args.png)
+
+
+def _undone(r: dict[str, Any]) -> str:
+    """' (+N parallel epochs undone)' where --drift-guard undid epochs (mean over seeds), else ''."""
+    n = r.get("undone_epochs") or 0
+    return f" (+{n:g} parallel epoch{'s' if n != 1 else ''} undone by the drift guard)" if n else ""
 
 
 def compact(tables: dict[str, list[dict[str, Any]]], variants: list[str]) -> list[str]:

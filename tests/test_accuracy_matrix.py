@@ -54,6 +54,19 @@ def test_matrix_rows_average_seeds_and_compute_the_gap(tmp_path):
     assert "Variant `tail50`" in md and "missed" in md and os.path.getsize(tmp_path / "m.png") > 0
 
 
+def test_epochs_undone_by_the_drift_guard_are_reported(tmp_path):
+    res = {"mnist-10k-noaug-e4/serial-seed0": _run(97.0), "mnist-10k-noaug-e4/serial-seed1": _run(97.4),
+           "mnist-10k-noaug-e4/guard30-K2-seed0": dict(_run(96.9), undone_epochs=1),
+           "mnist-10k-noaug-e4/guard30-K2-seed1": _run(97.3)}
+    rows = am.matrix(res, "guard30")
+    assert rows[0]["undone_epochs"] == 0.5
+    args = type("A", (), dict(variants="guard30", json=str(tmp_path / "m.json"), md=str(tmp_path / "m.md"),
+                              png=str(tmp_path / "m.png")))()
+    am.report(res, args)
+    assert "(+0.5 parallel epochs undone by the drift guard)" in open(tmp_path / "m.md").read()
+    assert am.VARIANTS["guard30"] == ["--drift-guard", "0.3"]
+
+
 def test_report_carries_rows_of_cells_it_did_not_run(tmp_path):
     res = {"mnist-10k-noaug-e4/serial-seed0": _run(97.0), "mnist-10k-noaug-e4/default-K4-seed0": _run(96.8)}
     old = [{"cell": "mnist-10k-noaug-e4", "K": 4, "variant": "default", "gap": -2.0},   # re-run: replaced
