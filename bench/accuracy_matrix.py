@@ -289,6 +289,74 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def last_parallel_epoch(cmd: list[str]) -> int:
+    """The (1-based) last epoch of the last parallel phase of an SPH command's schedule (0: none)."""
+    from layerpar_fast.config import parse_schedule
+    end = last = 0
+    for phase, n in parse_schedule(resolved_schedule(cmd)):
+        end += n
+        if phase == "parallel":
+            last = end
+    return last
+
+
+def drift_rows(args: argparse.Namespace, run: Any = subprocess.run) -> list[dict[str, Any]]:
+    """The drift ‖a − λ̃‖/‖λ̃‖ of every cut in every parallel epoch of each (cell, K, seed) arm: the arm
+    trains up to the end of its last parallel phase (``--stop-after``; resumed if interrupted, reused
+    if done) in OUT/CELL/drift-VARIANT-KK-seedS. What a ``--drift-guard`` bound would act on."""
+    rows = []
+    for cell in _cells(args.cells):
+        for k in [int(x) for x in args.ks.split(",")]:
+            for seed in [int(x) for x in args.seeds.split(",")]:
+                for arm in args.variant.split(","):
+                    d = os.path.join(args.out, cell, f"drift-{arm}-K{k}-seed{seed}")
+                    cmd = train_command(cell, arm, k, seed, args, d)
+                    last = last_parallel_epoch(cmd)
+                    if not last:
+                        continue                     # no parallel phase: nothing to guard
+                    metrics = os.path.join(d, "metrics.jsonl")
+                    done = os.path.isfile(metrics) and sum(1 for _ in open(metrics)) >= last
+                    if not done and getattr(args, "no_train", False):
+                        continue                     # --no-train: only arms already trained
+                    if not done:
+                        now = ([sys.executable, "-m", "layerpar_fast", "train", "--no-progress", "--resume", d]
+                               if os.path.isfile(os.path.join(d, "checkpoint.pt")) else cmd + ["--stop-after", str(last)])
+                        print(f"{cell} K={k} seed {seed} {arm}: $ {' '.join(now[1:])}", flush=True)
+                        if run(now).returncode != 0:
+                            print(f"{cell} K={k} seed {seed} {arm}: failed; next", flush=True)
+                            continue
+                    recs = [json.loads(x) for x in open(metrics)]
+                    par = [r for r in recs if r.get("phase") == "parallel"]
+                    rows.append({"cell": cell, "K": k, "seed": seed, "variant": arm,
+                                 "schedule": resolved_schedule(cmd),
+                                 "drift": [[round(v, 4) for v in r.get("violation") or []] for r in par],
+                                 "epochs": [r["epoch"] for r in par],
+                                 "max_drift": round(max((max(r.get("violation") or [0.0]) for r in par), default=0.0), 4)})
+    return rows
+
+
+def cmd_drift(args: argparse.Namespace) -> int:
+    rows = drift_rows(args)
+    if not rows:
+        print("accuracy_matrix drift: no arm with a parallel phase among these cells", file=sys.stderr)
+        return 1
+    atomic_write_json(args.json, rows)
+    lines = ["# Drift of the parallel epochs (what `--drift-guard` acts on)", "",
+             "‖a − λ̃‖/‖λ̃‖ per parallel epoch, the largest over the cuts (the json keeps every cut). Each arm "
+             "trained to the end of its last parallel phase (`--stop-after`).", "",
+             f"    python bench/accuracy_matrix.py drift --out {args.out} --cells {args.cells} --ks {args.ks} "
+             f"--seeds {args.seeds} --variant {args.variant} --threads {args.threads}", "",
+             "| cell | K | seed | variant | schedule | drift per parallel epoch | largest |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        per = ", ".join(f"{max(v):.3f}" for v in r["drift"] if v)
+        lines.append(f"| {r['cell']} | {r['K']} | {r['seed']} | {r['variant']} | `{r['schedule']}` | {per} | "
+                     f"{r['max_drift']:.3f} |")
+    with open(args.md, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
 def warm_epochs(cmd: list[str]) -> int:
     """The serial epochs an SPH command's schedule starts with (its warm start)."""
     from layerpar_fast.config import parse_schedule
@@ -568,7 +636,7 @@ def plot(tables: dict[str, list[dict[str, Any]]], path: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name in ("run", "report", "collect"):
+    for name in ("run", "report", "collect", "drift"):
         q = sub.add_parser(name)
         q.add_argument("--out", default="runs/accuracy_matrix", help="run directories and results.json")
         q.add_argument("--json", default=os.path.join(HERE, "results", "accuracy_matrix.json"))
@@ -577,7 +645,13 @@ def main(argv: list[str] | None = None) -> int:
         q.add_argument("--carry", help="an earlier report's json: its rows for cells not run here are kept (marked)")
         q.add_argument("--variants", default="default",
                        help="variants in the report (the first one is the json's matrix)")
-        if name in ("run", "collect"):
+        if name == "drift":
+            q.set_defaults(json=os.path.join(HERE, "results", "drift_matrix.json"),
+                           md=os.path.join(HERE, "results", "drift_matrix.md"))
+        if name == "drift":
+            q.add_argument("--no-train", action="store_true",
+                           help="tabulate the arms already trained (OUT/CELL/drift-...), train none")
+        if name in ("run", "collect", "drift"):
             q.add_argument("--cells", default="quick", help=f"cells or groups ({', '.join(GROUPS)})")
             q.add_argument("--ks", default="2,4")
             q.add_argument("--seeds", default="0")
@@ -596,6 +670,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_run(args)
     if args.cmd == "collect":
         return cmd_collect(args)
+    if args.cmd == "drift":
+        return cmd_drift(args)
     report(_load(os.path.join(args.out, "results.json")), args)
     print(open(args.md).read())
     return 0

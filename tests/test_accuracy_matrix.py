@@ -169,3 +169,38 @@ def test_a_fork_that_would_keep_another_arms_option_is_refused(tmp_path):
             "--schedule", am.resolved_schedule(arm)]
     assert am._fork_differs(fcmd, arm) == "--mult-init 'grad' against 'zero'"
     assert am._fork_differs(fcmd + ["--mult-init", "zero"], arm) == ""
+
+
+def test_drift_rows_train_each_arm_to_its_last_parallel_epoch_and_read_its_drift(tmp_path, monkeypatch):
+    """`accuracy_matrix.py drift`: every arm with a parallel phase trains up to the end of its last one
+    (--stop-after), a done arm is not run again, and the table lists each parallel epoch's drift."""
+    calls = []
+
+    def fake_run(cmd):
+        calls.append(cmd)
+        d = cmd[cmd.index("--out") + 1]
+        os.makedirs(d, exist_ok=True)
+        stop = int(cmd[cmd.index("--stop-after") + 1])
+        with open(os.path.join(d, "metrics.jsonl"), "w") as f:
+            for e in range(1, stop + 1):
+                par = e > 2
+                f.write(json.dumps({"epoch": e, "phase": "parallel" if par else "serial",
+                                    "violation": [0.01 * e] if par else None}) + "\n")
+        return type("R", (), {"returncode": 0})()
+
+    args = type("A", (), dict(out=str(tmp_path), cells="mnist-10k-noaug-e8", ks="2,4", seeds="0", variant="default",
+                              data_dir=str(tmp_path), test_subset=100, threads=1, json=str(tmp_path / "d.json"),
+                              md=str(tmp_path / "d.md")))()
+    rows = am.drift_rows(args, run=fake_run)
+    # K = 2: serial:2,parallel:2,serial:4 -> stop after epoch 4; K = 4 at 8 epochs has no parallel phase
+    assert len(calls) == 1 and calls[0][calls[0].index("--stop-after") + 1] == "4"
+    assert [(r["K"], r["epochs"], r["drift"], r["max_drift"]) for r in rows] == [(2, [3, 4], [[0.03], [0.04]], 0.04)]
+    assert am.drift_rows(args, run=fake_run) == rows and len(calls) == 1      # done: read, not run again
+    args.no_train, args.seeds = True, "0,1"          # seed 1 not trained: left out, nothing run
+    assert am.drift_rows(args, run=fake_run) == rows and len(calls) == 1
+    args.no_train, args.seeds = False, "0"
+    monkeypatch.setattr(am, "drift_rows", lambda a: rows)     # the command's table from the same rows
+    assert am.cmd_drift(args) == 0
+    md = open(tmp_path / "d.md").read()
+    assert "| mnist-10k-noaug-e8 | 2 | 0 | default | `serial:2,parallel:2,serial:4` | 0.030, 0.040 | 0.040 |" in md
+    assert json.load(open(tmp_path / "d.json"))[0]["max_drift"] == 0.04
