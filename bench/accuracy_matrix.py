@@ -15,6 +15,9 @@ The final model of every run is evaluated on the whole test set.
     python bench/accuracy_matrix.py report --variants default,zero-mult            # table + plot only
     python bench/accuracy_matrix.py run --fork --cells cifar10-10k-aug-e18 --ks 4 --variant default,grad-mult
         # the serial warm start shared by the arms of one (cell, K, seed) trained once, every arm forked from it
+    python bench/accuracy_matrix.py drift --cells all --ks 2,4 --seeds 0
+        # each arm up to the end of its last parallel phase: the drift of every parallel epoch
+        # (what --drift-guard acts on), bench/results/drift_matrix.{json,md}
 
 Runs are resumable: a finished run is collected and skipped, an interrupted one continues from
 its checkpoint (``layerpar train --resume``). Results accumulate in OUT/results.json (one entry
