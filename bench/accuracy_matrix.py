@@ -128,6 +128,7 @@ VARIANTS: dict[str, list[str]] = {
     "late4p1-e10": ["--schedule", "serial:4,parallel:1,serial:5"],
     "late8p3-e18": ["--schedule", "serial:8,parallel:3,serial:7"],
     "guard30": ["--drift-guard", "0.3"],
+    "noguard": ["--drift-guard", "0"],
     "late4p1-e8": ["--schedule", "serial:4,parallel:1,serial:3"],
     # round 8, K = 4 on augmented CIFAR-10: shift views in the parallel phase, with cuts whose coarse grids move
     # in 4-px steps (the FLOPs-balanced 3,5,8 puts the last cut on the 8x8 map, whose 4x4 grid moves in 8-px steps)

@@ -57,7 +57,7 @@ class Config:
     aug_parallel_share: float = 0.5
     aug_warm_share: float = 0.65
     switch_drift: float | None = None
-    drift_guard: float = 0.0    # 0 = off; > 0: a parallel epoch whose drift exceeds it is undone and rerun serially
+    drift_guard: float = 0.3    # a parallel epoch whose drift exceeds it is undone and rerun serially (0: off)
     # optimisation
     batch_size: int = 128
     eval_batch_size: int = 1000

@@ -56,7 +56,8 @@ CUTS = {2: [2], 3: [2, 3]}
 def tiny_config(k: int, **kw):
     base = dict(method="al", stages=k, ds=2, batch_size=8, eval_batch_size=8, lr=0.05,
                 schedule="parallel:2,serial:1", serial_on="one", progress=False, kappa_iters=3,
-                bn_recalib_batches=2, augment="crop_flip", threads=1, timeout_s=30.0, seed=0)
+                bn_recalib_batches=2, augment="crop_flip", threads=1, timeout_s=30.0, seed=0,
+                drift_guard=0)      # the cases that test the guard set it
     base.update(kw)
     return make_config(**base)
 

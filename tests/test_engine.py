@@ -34,7 +34,7 @@ def tiny_model(seed=0, width=4, classes=4):
 def trainer(tmp_path=None, cuts=(2, 3), size=8, **kw):
     base = dict(method="al", stages=len(cuts) + 1, ds=2, batch_size=16, eval_batch_size=16, lr=0.05,
                 schedule="parallel:2", progress=False, kappa_iters=3, bn_recalib_batches=2, augment="none",
-                threads=1)
+                threads=1, drift_guard=0)      # the mechanics under test; the guard has tests of its own
     log = kw.pop("log", lambda m: None)
     base.update(kw)
     cfg = make_config(**base)
@@ -454,6 +454,11 @@ def test_drift_guard_resumes_exactly(tmp_path):
         assert_same(params(full.model), params(resumed.model))
         assert [r["phase"] for r in resumed.records] == [r["phase"] for r in full.records]
         assert [r["epoch"] for r in resumed.rollbacks] == [3], stage
+
+
+def test_drift_guard_is_on_by_default():
+    from layerpar_fast.config import Config
+    assert Config().drift_guard == 0.3 and make_config(method="al", stages=2, drift_guard=0).drift_guard == 0
 
 
 def test_drift_guard_bad_values_are_refused():
