@@ -349,7 +349,8 @@ def cmd_drift(args: argparse.Namespace) -> int:
              "‖a − λ̃‖/‖λ̃‖ per parallel epoch, the largest over the cuts (the json keeps every cut). Each arm "
              "trained to the end of its last parallel phase (`--stop-after`).", "",
              f"    python bench/accuracy_matrix.py drift --out {args.out} --cells {args.cells} --ks {args.ks} "
-             f"--seeds {args.seeds} --variant {args.variant} --threads {args.threads}", "",
+             f"--seeds {args.seeds} --variant {args.variant} --threads {args.threads}"
+             + (" --no-train" if getattr(args, "no_train", False) else ""), "",
              "| cell | K | seed | variant | schedule | drift per parallel epoch | largest |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         per = ", ".join(f"{max(v):.3f}" for v in r["drift"] if v)
