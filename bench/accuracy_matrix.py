@@ -192,6 +192,11 @@ def serial_equivalent(cmd: list[str]) -> bool:
     return "parallel" not in resolved_schedule(cmd)
 
 
+def resume_command(d: str) -> list[str]:
+    """The command that continues the run in ``d`` from its checkpoint."""
+    return [sys.executable, "-m", "layerpar_fast", "train", "--no-progress", "--resume", d]
+
+
 def finished(d: str) -> bool:
     return all(os.path.isfile(os.path.join(d, f)) for f in ("summary.json", "final_model.pt"))
 
@@ -268,7 +273,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             forked = _fork_from_prefix(args, cell, arm, k, seed, d, cmd, f"[{i + 1}/{len(todo)}] {key}")
         if not finished(d):
             if os.path.isfile(os.path.join(d, "checkpoint.pt")):
-                cmd_now = [sys.executable, "-m", "layerpar_fast", "train", "--no-progress", "--resume", d]
+                cmd_now = resume_command(d)
             else:
                 if os.path.isdir(d):          # a run that failed before its first checkpoint
                     import shutil
@@ -323,8 +328,8 @@ def drift_rows(args: argparse.Namespace, run: Any = subprocess.run) -> list[dict
                     if not done and getattr(args, "no_train", False):
                         continue                     # --no-train: only arms already trained
                     if not done:
-                        now = ([sys.executable, "-m", "layerpar_fast", "train", "--no-progress", "--resume", d]
-                               if os.path.isfile(os.path.join(d, "checkpoint.pt")) else cmd + ["--stop-after", str(last)])
+                        now = (resume_command(d) if os.path.isfile(os.path.join(d, "checkpoint.pt"))
+                               else cmd + ["--stop-after", str(last)])
                         print(f"{cell} K={k} seed {seed} {arm}: $ {' '.join(now[1:])}", flush=True)
                         if run(now).returncode != 0:
                             print(f"{cell} K={k} seed {seed} {arm}: failed; next", flush=True)
@@ -382,7 +387,7 @@ def _fork_from_prefix(args: argparse.Namespace, cell: str, arm: str, k: int, see
     ckpt = os.path.join(prefix, "checkpoint.pt")
     if _checkpoint_epoch(ckpt) < w:
         if os.path.isfile(ckpt):
-            pcmd = [sys.executable, "-m", "layerpar_fast", "train", "--no-progress", "--resume", prefix,
+            pcmd = [*resume_command(prefix),
                     "--stop-after", str(w)]
         else:
             if os.path.isdir(prefix):
@@ -653,7 +658,6 @@ def main(argv: list[str] | None = None) -> int:
         if name == "drift":
             q.set_defaults(json=os.path.join(HERE, "results", "drift_matrix.json"),
                            md=os.path.join(HERE, "results", "drift_matrix.md"))
-        if name == "drift":
             q.add_argument("--no-train", action="store_true",
                            help="tabulate the arms already trained (OUT/CELL/drift-...), train none")
         if name in ("run", "collect", "drift"):

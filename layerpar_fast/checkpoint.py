@@ -41,6 +41,21 @@ class Checkpoints:
         return {"phase": self.phase_state.index, "epoch": self.epoch, "world": world,
                 "files": [os.path.basename(self._aux_path(self.epoch, k)) for k in range(world)]}
 
+    def _train_state(self) -> dict[str, Any]:
+        """What training changes besides the records: the parameters and buffers of every stage,
+        the optimizers (momentum) and the loss scalers (checkpoints; --drift-guard's snapshot)."""
+        return {"model": self.model.state_dict(),
+                "optimizers": [o.state_dict() for o in self.optimizers],
+                "scalers": [sc.state_dict() for sc in [*self.scalers, self.serial_scaler]]}
+
+    def _load_train_state(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        for opt, s in zip(self.optimizers, state["optimizers"]):
+            opt.load_state_dict(s)
+        for sc, s in zip([*self.scalers, self.serial_scaler], state.get("scalers") or []):
+            if s:       # fp16 loss scales (empty for a disabled scaler)
+                sc.load_state_dict(s)
+
     def save_checkpoint(self) -> None:
         """Atomically write RUN_DIR/checkpoint.pt; with several ranks, each rank first writes its
         auxiliary stores, rank 0 then writes ``checkpoint.pt``, then stale per-rank files go."""
@@ -77,9 +92,7 @@ class Checkpoints:
             "config": self.cfg.to_dict(),
             "epoch": self.epoch,
             "cuts": self.cuts,
-            "model": self.model.state_dict(),
-            "optimizers": [o.state_dict() for o in self.optimizers],
-            "scalers": [sc.state_dict() for sc in [*self.scalers, self.serial_scaler]],
+            **self._train_state(),
             "records": self.records,
             "switches": self.switches,
             "rollbacks": self.rollbacks,
@@ -105,12 +118,7 @@ class Checkpoints:
             raise ConfigError(f"--resume {self.out_dir}: {why}")
         if state.get("cuts") != self.cuts:
             raise ConfigError(f"--resume: checkpoint cuts {state.get('cuts')} differ from {self.cuts}")
-        self.model.load_state_dict(state["model"])
-        for opt, s in zip(self.optimizers, state["optimizers"]):
-            opt.load_state_dict(s)
-        for sc, s in zip([*self.scalers, self.serial_scaler], state.get("scalers") or []):
-            if s:       # fp16 loss scales (empty for a disabled scaler)
-                sc.load_state_dict(s)
+        self._load_train_state(state)
         self.epoch = state["epoch"]
         self.records = state["records"]
         from .trainer import _end_phase_after

@@ -385,13 +385,11 @@ class HybridTrainer(ParallelPhase, SerialPhase, Evaluation, Checkpoints):
 
 
     def _snapshot(self) -> dict[str, Any]:
-        """What a parallel epoch changes and --drift-guard restores: the parameters and buffers of
-        every stage, the optimizers (momentum) and the loss scalers, copied before the epoch (and
-        before the phase's initial fill when the epoch opens the phase). Every rank holds every
-        stage's state in sync at an epoch's start, so every rank restores the same state."""
-        return {"model": copy.deepcopy(self.model.state_dict()),
-                "optimizers": [copy.deepcopy(o.state_dict()) for o in self.optimizers],
-                "scalers": [copy.deepcopy(sc.state_dict()) for sc in [*self.scalers, self.serial_scaler]]}
+        """What a parallel epoch changes and --drift-guard restores (the checkpoint's training
+        state), copied before the epoch (and before the phase's initial fill when the epoch opens
+        the phase). Every rank holds every stage's state in sync at an epoch's start, so every rank
+        restores the same state."""
+        return copy.deepcopy(self._train_state())
 
     def _roll_back(self, snap: dict[str, Any], rec: dict[str, Any]) -> None:
         """--drift-guard: undo the parallel epoch just run (its record goes to ``self.rollbacks``,
@@ -399,12 +397,7 @@ class HybridTrainer(ParallelPhase, SerialPhase, Evaluation, Checkpoints):
         the run whose schedule ended that phase one epoch earlier, bit for bit (tested); the
         decision is made from the epoch's record, the same on every rank."""
         e = self.epoch
-        self.model.load_state_dict(snap["model"])
-        for opt, s in zip(self.optimizers, snap["optimizers"]):
-            opt.load_state_dict(s)
-        for sc, s in zip([*self.scalers, self.serial_scaler], snap["scalers"]):
-            if s:
-                sc.load_state_dict(s)
+        self._load_train_state(snap)
         self.stores = None
         self.phase_state = None
         rest = _serial_from(self.plan, e)
@@ -532,10 +525,9 @@ def _mean(xs: list[float]) -> float | None:
 def _end_phase_after(plan: list[tuple[int, str, int, int]], epoch: int) -> None:
     """In place: the parallel phase running at ``epoch`` (0-based) ends there; its remaining
     epochs become serial epochs."""
-    pidx, _, j, n = plan[epoch]
-    rest = n - 1 - j
-    for i in range(rest):
-        plan[epoch + 1 + i] = (pidx, "serial", i, rest)
+    _, _, j, n = plan[epoch]
+    if j < n - 1:
+        _serial_from(plan, epoch + 1)
 
 
 def _serial_from(plan: list[tuple[int, str, int, int]], epoch: int) -> int:
