@@ -128,6 +128,8 @@ VARIANTS: dict[str, list[str]] = {
     "late4p1-e10": ["--schedule", "serial:4,parallel:1,serial:5"],
     "late8p3-e18": ["--schedule", "serial:8,parallel:3,serial:7"],
     "guard30": ["--drift-guard", "0.3"],
+    "nogate": ["--sharpness-gate", "0"],
+    "gate25": ["--sharpness-gate", "0.25"],
     "noguard": ["--drift-guard", "0"],
     "late4p1-e8": ["--schedule", "serial:4,parallel:1,serial:3"],
     # round 8, K = 4 on augmented CIFAR-10: shift views in the parallel phase, with cuts whose coarse grids move
@@ -217,6 +219,7 @@ def collect(d: str, cmd: list[str]) -> dict[str, Any]:
         "wall_s": summary["wall_time_s"],
         "parallel_share": phases.count("parallel") / max(1, len(phases)),
         "undone_epochs": len(summary.get("rolled_back") or []),   # parallel epochs undone by --drift-guard
+        "gated_epochs": len(summary.get("sharpness_gated") or []),  # phase entries --sharpness-gate ran serial
         "per_epoch": [{"epoch": r["epoch"], "phase": r["phase"], "test_acc": r.get("test_acc"),
                        "train_acc": r.get("train_acc"), "ds_test_acc": r.get("ds_test_acc"),
                        "probe_cosine": r.get("probe_cosine"), "violation": r.get("violation")} for r in recs],
@@ -532,6 +535,7 @@ def matrix(results: dict[str, Any], variant: str) -> list[dict[str, Any]]:
                 "parallel_share": round(mean([r["parallel_share"] for r in sph]), 3),
                 "schedule": sph[0]["schedule"],
                 "undone_epochs": round(mean([r.get("undone_epochs", 0) for r in sph]), 3),
+                "gated_epochs": round(mean([r.get("gated_epochs", 0) for r in sph]), 3),
                 "wall_s": round(mean([r["wall_s"] for r in sph]), 1),
                 "serial_wall_s": round(mean([r["wall_s"] for r in ser]), 1),
                 "serial_reused": all(r.get("reused_from") for r in sph),   # no parallel phase: the baseline
@@ -592,9 +596,12 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
 
 
 def _undone(r: dict[str, Any]) -> str:
-    """' (+N parallel epochs undone)' where --drift-guard undid epochs (mean over seeds), else ''."""
+    """' (+N parallel epochs undone)' where --drift-guard undid epochs, ' (N phase entries gated)'
+    where --sharpness-gate ran them serial (means over seeds), else ''."""
     n = r.get("undone_epochs") or 0
-    return f" (+{n:g} parallel epoch{'s' if n != 1 else ''} undone by the drift guard)" if n else ""
+    g = r.get("gated_epochs") or 0
+    return ((f" (+{n:g} parallel epoch{'s' if n != 1 else ''} undone by the drift guard)" if n else "")
+            + (f" ({g:g} phase entr{'ies' if g != 1 else 'y'} run serial by the sharpness gate)" if g else ""))
 
 
 def compact(tables: dict[str, list[dict[str, Any]]], variants: list[str]) -> list[str]:

@@ -96,6 +96,7 @@ class Checkpoints:
             "records": self.records,
             "switches": self.switches,
             "rollbacks": self.rollbacks,
+            "gated": self.gated,
             "wall_offset": self.wall_offset,
             "phase_state": None if self.phase_state is None else vars(self.phase_state),
             "aux": self._aux_checkpoint(),
@@ -121,14 +122,10 @@ class Checkpoints:
         self._load_train_state(state)
         self.epoch = state["epoch"]
         self.records = state["records"]
-        from .trainer import _end_phase_after
+        self.gated = list(state.get("gated") or [])
         self.switches = list(state.get("switches") or [])
-        for e in self.switches:             # parallel phases ended early (--switch-drift)
-            _end_phase_after(self.plan, e)
-        from .trainer import _serial_from
         self.rollbacks = list(state.get("rollbacks") or [])
-        for r in self.rollbacks:            # parallel epochs undone (--drift-guard), in the order they happened
-            _serial_from(self.plan, int(r["epoch"]) - 1)
+        replay_plan_edits(self.plan, state, len(self.stages))
         self.wall_offset = state["wall_offset"]
         ps = state.get("phase_state")
         self.phase_state = PhaseState(**ps) if ps else None
@@ -233,13 +230,40 @@ def _resume_mismatch(saved: dict[str, Any] | None, cfg: Config) -> str:
     return ""
 
 
-def checkpoint_phases(run_dir: str) -> list[str]:
-    """The phase of every epoch the run in ``run_dir`` has completed, from its checkpoint."""
+def replay_plan_edits(plan: list[tuple[int, str, int, int]], state: dict[str, Any], stages: int) -> None:
+    """In place: the changes a run made to its schedule's plan while it ran, from its checkpoint
+    ``state``: phase entries postponed (--sharpness-gate) first, since they come before anything
+    that ends their phase, then phases ended early (--switch-drift), then epochs undone
+    (--drift-guard), in the order they happened."""
+    from .trainer import _end_phase_after, _postpone, _serial_from
+    for g in state.get("gated") or []:
+        _postpone(plan, int(g["epoch"]) - 1, stages)
+    for e in state.get("switches") or []:
+        _end_phase_after(plan, e)
+    for r in state.get("rollbacks") or []:
+        _serial_from(plan, int(r["epoch"]) - 1)
+
+
+def run_plan(cfg: Config, state: dict[str, Any] | None = None) -> list[str]:
+    """The phase of every epoch of ``cfg``'s schedule, with the plan edits of checkpoint ``state``."""
+    plan = [(i, name, j, n) for i, (name, n) in enumerate(cfg.phases()) for j in range(n)]
+    if state:
+        replay_plan_edits(plan, state, cfg.stages)
+    return [p[1] for p in plan]
+
+
+def checkpoint_state(run_dir: str) -> dict[str, Any]:
+    """The checkpoint of the run in ``run_dir`` (on the CPU), or one clear error."""
     path = os.path.join(run_dir, CHECKPOINT)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
         raise ConfigError(f"{run_dir}: cannot read {CHECKPOINT}: {e}") from None
+
+
+def checkpoint_phases(run_dir: str, state: dict[str, Any] | None = None) -> list[str]:
+    """The phase of every epoch the run in ``run_dir`` has completed, from its checkpoint."""
+    state = checkpoint_state(run_dir) if state is None else state
     return [str(r.get("phase")) for r in state.get("records") or []][: int(state.get("epoch", 0))]
 
 

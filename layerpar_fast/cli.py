@@ -35,6 +35,11 @@ _TRAIN_OPTIONS: dict[str, tuple[Any, str]] = {
                            "(parameters and optimizer state back to the epoch's start); the epoch and the rest of "
                            "its phase then run serial (default 0.3: above every phase of the accuracy matrix's ResNet-20 and "
                            "MNIST cells, below ResNet-56's; 0: off)"),
+    "sharpness_gate": (float, "open a parallel phase only when lr x kappa_k, the learning rate times the top curvature "
+                              "of stage k's outputs measured at the phase's entry, is at most this for every stage; "
+                              "otherwise the epoch runs serial and the check repeats at the next one (default 0.25: "
+                              "above every phase entry of the accuracy matrix's ResNet-20 and MNIST cells, 0.14 or "
+                              "less, below the early ResNet-56 phases, 0.41 or more; 0: off)"),
     "tail_share": (float, "share S/E of the epochs in the default schedule's serial tail (serial:1,parallel:E-1-S,serial:S)"),
     "warm_share": (float, "share of the epochs in the default schedule's serial warm start: W = round(E x share), "
                           "at least 1 (0: one epoch); the parallel phase keeps its E-1-S epochs and the tail gives "
@@ -117,7 +122,7 @@ _GROUPS = {
                "mult_init", "stage_lr", "window", "parallel_augment", "aux_dtype", "aux_device", "kappa_iters",
                "bn_recalib_batches"),
     "schedule and optimisation": ("epochs", "schedule", "tail_share", "warm_share", "aug_parallel_share", "aug_warm_share",
-                                  "switch_drift", "drift_guard", "batch_size", "eval_batch_size",
+                                  "switch_drift", "drift_guard", "sharpness_gate", "batch_size", "eval_batch_size",
                                   "lr", "lr_schedule", "milestones", "lr_decay", "warmup_epochs", "momentum",
                                   "nesterov", "weight_decay", "wd_bn", "label_smoothing", "seed"),
     "distributed and devices": ("transport", "serial_on", "serial_bn", "timeout_s", "threads", "device"),
@@ -262,7 +267,7 @@ def _train_config(args: argparse.Namespace) -> tuple[Config, str, bool]:
 
 #: options a fork may change while its source has run serial epochs only: they act in parallel phases
 #: (or shape the schedule's later phases, checked against the epochs already run)
-FORKABLE = ("parallel_augment", "mult_init", "stage_lr", "switch_drift", "drift_guard", "beta", "beta_c", "gamma", "al_order",
+FORKABLE = ("parallel_augment", "mult_init", "stage_lr", "switch_drift", "drift_guard", "sharpness_gate", "beta", "beta_c", "gamma", "al_order",
             "window", "aux_dtype", "kappa_iters", "ds", "filter", "schedule", "warm_share", "aug_warm_share",
             "tail_share", "aug_parallel_share", "bn_recalib_batches")
 
@@ -287,8 +292,9 @@ def _fork_config(args: argparse.Namespace) -> tuple[Config, str, bool]:
         raise ConfigError("--fork under torchrun: fork in one local command (e.g. with --stop-after), "
                           "then --resume the new run under torchrun")
     saved = read_run_config(src, "checkpoint.pt", "--fork")
-    from .checkpoint import checkpoint_phases
-    done = checkpoint_phases(src)          # the phase of every epoch the source has run
+    from .checkpoint import checkpoint_phases, checkpoint_state, run_plan
+    state = checkpoint_state(src)
+    done = checkpoint_phases(src, state)   # the phase of every epoch the source has run
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
              if getattr(args, f.name, None) is not None and f.name != "out"}
     if isinstance(given.get("milestones"), str):
@@ -313,7 +319,7 @@ def _fork_config(args: argparse.Namespace) -> tuple[Config, str, bool]:
                           f"{make_config(saved).total_epochs()} (the learning-rate schedule spans them)")
     old_cfg, new_cfg = make_config(saved), make_config(new)
     old_plan = [p for p, n in old_cfg.phases() for _ in range(n)]
-    new_plan = [p for p, n in new_cfg.phases() for _ in range(n)]
+    new_plan = run_plan(new_cfg, state)     # with the source's own plan edits (gate, switch, guard)
     if len(new_plan) != len(old_plan):
         raise ConfigError(f"--fork {src}: the new schedule {new_cfg.resolved_schedule()} has {len(new_plan)} epochs, "
                           f"the run's {old_cfg.resolved_schedule()} {len(old_plan)} (the learning-rate schedule spans them)")

@@ -35,6 +35,17 @@ class PhaseState:
     lr_caps: list[float]
 
 
+def sharp_stages(kappas: list[float], lr: float, gate: float) -> list[int]:
+    """The --sharpness-gate rule: the stages k whose lr·κ_k at a phase's entry exceeds ``gate``
+    (κ_k, the top eigenvalue of the Gauss-Newton matrix of the stage's outputs, is what the
+    proximal weight β_k = c/(lr·κ_k) is scaled by; a large lr·κ_k means a small β_k, and the
+    stage's outputs then move far from what its neighbour trained on within one epoch).
+    A κ that was not measured (NaN: --kappa-iters 0) passes. Off when ``gate`` is 0."""
+    if gate <= 0:
+        return []
+    return [k for k, kap in enumerate(kappas) if math.isfinite(kap) and lr * kap > gate]
+
+
 class _Counters:
     """A transport's counters (possibly gathered from another rank), shaped for the record."""
 
@@ -255,8 +266,9 @@ class ParallelPhase:
                                row_start=rows[0] if rows is not None else 0)
                 for k in range(len(self.stages))]
 
-    def _enter_parallel(self, pidx: int, epoch: int) -> None:
-        """(Re-)initialise λ̃ by a forward pass and u/μ = 0; measure κ_k; fix β_k and lr caps."""
+    def _enter_parallel(self, pidx: int, epoch: int) -> bool:
+        """(Re-)initialise λ̃ by a forward pass and u/μ = 0; measure κ_k; fix β_k and lr caps.
+        Returns False, having changed nothing, when --sharpness-gate keeps the phase closed."""
         cfg = self.cfg
         self._warmed = False
         if self._resumed_aux is not None and self._resumed_aux["phase"] == pidx:
@@ -266,8 +278,7 @@ class ParallelPhase:
                     if s is not None:
                         s.load_state_dict(self._resumed_aux["stores"][name][k])
             self._resumed_aux = None
-            return
-        self.stores = self._make_stores()
+            return True
         batches = self._parallel_batches(epoch)
         lr_now = self.lr_at(epoch * self.steps_per_epoch)
         # κ_k on the first batch, on true activations of the current network
@@ -301,6 +312,15 @@ class ParallelPhase:
             with torch.no_grad(), frozen_bn_stats(stage):
                 z = self.filt.up(self.filt.down(stage(z)))
         kappas, betas, caps = self._share_phase_constants(kappas, betas, caps, lr_now)
+        sharp = sharp_stages(kappas[:-1], lr_now, cfg.sharpness_gate)
+        if sharp:       # the same decision on every rank: all of them hold every κ_k now
+            self.gated.append({"epoch": epoch + 1, "lr": lr_now, "lr_kappa": [lr_now * k for k in kappas[:-1]]})
+            self.log(f"--sharpness-gate {cfg.sharpness_gate:g}: lr x kappa = "
+                     + ", ".join(f"{lr_now * kappas[k]:.3g} (stage {k})" for k in sharp)
+                     + f" at the entry of parallel epoch {epoch + 1}: the network is still too sharp for "
+                       "stale signals; the epoch runs serial and the check repeats at the next one")
+            return False
+        self.stores = self._make_stores()
         automatic = cfg.beta is None and cfg.method == "al" and cfg.al_order == "gs"
         for k, (kap, beta, cap) in enumerate(zip(kappas, betas, caps)):
             if cap < lr_now:     # expected with the automatic beta when --beta-c > 1: said, not warned
@@ -331,6 +351,7 @@ class ParallelPhase:
         _bar_close(bar)
         if cfg.mult_init == "grad":
             self._warm_multipliers(workers, epoch, batches)
+        return True
 
     def _warm_up(self, workers: list[StageWorker], batches: list[torch.Tensor]) -> None:
         """Every stage runs each kernel once per batch shape of the phase before any of the phase's

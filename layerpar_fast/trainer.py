@@ -204,6 +204,7 @@ class HybridTrainer(ParallelPhase, SerialPhase, Evaluation, Checkpoints):
         self.plan = self.epoch_plan()      # may change: --switch-drift ends a parallel phase early
         self.switches: list[int] = []      # epochs after which a parallel phase was ended early
         self.rollbacks: list[dict[str, Any]] = []   # records of parallel epochs undone by --drift-guard
+        self.gated: list[dict[str, Any]] = []       # phase entries that --sharpness-gate turned serial
         self.records: list[dict[str, Any]] = []
         self.phase_state: PhaseState | None = None
         self.stores: dict[str, list[Any]] | None = None
@@ -344,8 +345,9 @@ class HybridTrainer(ParallelPhase, SerialPhase, Evaluation, Checkpoints):
                        "train_acc": float("nan"), "lr": self.lr_at((self.epoch + 1) * self.steps_per_epoch - 1)}
             else:
                 snap = self._snapshot() if cfg.drift_guard > 0 else None
-                if j == 0 or self.stores is None:
-                    self._enter_parallel(pidx, self.epoch)
+                if (j == 0 or self.stores is None) and not self._enter_parallel(pidx, self.epoch):
+                    _postpone(plan, self.epoch, len(self.stages))   # this epoch reruns as a serial one
+                    continue
                 rec = self._parallel_epoch(self.epoch)
             rec.update(self._evaluate_epoch(phase))
             rec["epoch_time_s"] = time.perf_counter() - t0
@@ -421,6 +423,7 @@ class HybridTrainer(ParallelPhase, SerialPhase, Evaluation, Checkpoints):
             "config": self.cfg.to_dict(),
             "rolled_back": [{k: r[k] for k in ("epoch", "violation", "test_acc", "epoch_time_s") if k in r}
                             for r in self.rollbacks],
+            "sharpness_gated": self.gated,
             "cuts": self.cuts,
             "cut_shapes": self.cut_shapes,
             "dataset": {"name": self.data.name, "train": self.data.num_train, "test": self.data.num_test},
@@ -538,6 +541,21 @@ def _serial_from(plan: list[tuple[int, str, int, int]], epoch: int) -> int:
     for i in range(rest):
         plan[epoch + i] = (pidx, "serial", i, rest)
     return rest
+
+
+def _postpone(plan: list[tuple[int, str, int, int]], epoch: int, stages: int) -> int:
+    """In place: the parallel phase that would open at ``epoch`` (0-based) opens one epoch later
+    (--sharpness-gate); ``epoch`` becomes a serial epoch. When the phase would then be shorter
+    than K − 1 epochs (the schedule's rule, docs/method.md §6) all of it runs serial. Returns
+    how many epochs became serial."""
+    pidx, _, j, n = plan[epoch]
+    rest = n - j
+    if rest - 1 < max(1, stages - 1):
+        return _serial_from(plan, epoch)
+    plan[epoch] = (pidx, "serial", 0, 1)
+    for i in range(1, rest):
+        plan[epoch + i] = (pidx, "parallel", i - 1, rest - 1)
+    return 1
 
 
 def should_switch(violations: list[float], threshold: float | None) -> bool:

@@ -57,14 +57,15 @@ def test_matrix_rows_average_seeds_and_compute_the_gap(tmp_path):
 def test_epochs_undone_by_the_drift_guard_are_reported(tmp_path):
     res = {"mnist-10k-noaug-e4/serial-seed0": _run(97.0), "mnist-10k-noaug-e4/serial-seed1": _run(97.4),
            "mnist-10k-noaug-e4/guard30-K2-seed0": dict(_run(96.9), undone_epochs=1),
-           "mnist-10k-noaug-e4/guard30-K2-seed1": _run(97.3)}
+           "mnist-10k-noaug-e4/guard30-K2-seed1": dict(_run(97.3), gated_epochs=2)}
     rows = am.matrix(res, "guard30")
-    assert rows[0]["undone_epochs"] == 0.5
+    assert rows[0]["undone_epochs"] == 0.5 and rows[0]["gated_epochs"] == 1
     args = type("A", (), dict(variants="guard30", json=str(tmp_path / "m.json"), md=str(tmp_path / "m.md"),
                               png=str(tmp_path / "m.png")))()
     am.report(res, args)
-    assert "(+0.5 parallel epochs undone by the drift guard)" in open(tmp_path / "m.md").read()
-    assert am.VARIANTS["guard30"] == ["--drift-guard", "0.3"]
+    md = open(tmp_path / "m.md").read()
+    assert "(+0.5 parallel epochs undone by the drift guard) (1 phase entry run serial by the sharpness gate)" in md
+    assert am.VARIANTS["guard30"] == ["--drift-guard", "0.3"] and am.VARIANTS["nogate"] == ["--sharpness-gate", "0"]
 
 
 def test_report_carries_rows_of_cells_it_did_not_run(tmp_path):
@@ -110,8 +111,8 @@ def test_fork_branches_every_arm_from_one_warm_start_with_the_same_results(tmp_p
     import torch
     monkeypatch.setitem(am.CELLS, "tiny", {"dataset": "embedded", "train_size": "128", "epochs": 5,
                                            "augment": "none", "model": "mnist_resnet", "lr": 0.05, "subset": 128})
-    monkeypatch.setitem(am.VARIANTS, "tinygrad", ["--mult-init", "grad", "--kappa-iters", "2"])
-    monkeypatch.setitem(am.VARIANTS, "tinydef", ["--kappa-iters", "2"])
+    monkeypatch.setitem(am.VARIANTS, "tinygrad", ["--mult-init", "grad", "--kappa-iters", "2", "--sharpness-gate", "0"])
+    monkeypatch.setitem(am.VARIANTS, "tinydef", ["--kappa-iters", "2", "--sharpness-gate", "0"])
     monkeypatch.setattr(am, "report", lambda results, args: None)
 
     def run(out, fork):

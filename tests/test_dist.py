@@ -57,7 +57,7 @@ def tiny_config(k: int, **kw):
     base = dict(method="al", stages=k, ds=2, batch_size=8, eval_batch_size=8, lr=0.05,
                 schedule="parallel:2,serial:1", serial_on="one", progress=False, kappa_iters=3,
                 bn_recalib_batches=2, augment="crop_flip", threads=1, timeout_s=30.0, seed=0,
-                drift_guard=0)      # the cases that test the guard set it
+                drift_guard=0, sharpness_gate=0)      # the cases that test guard and gate set them
     base.update(kw)
     return make_config(**base)
 
@@ -181,6 +181,8 @@ CASES_2 = [
     dict(method="al", al_order="gs", ds=2, parallel_augment="shift_flip", delay_rank=0, delay_s=0.02),
     dict(method="al", al_order="gs", ds=2, mult_init="grad", delay_rank=1, delay_s=0.02),
     dict(method="al", ds=2, schedule="serial:1,parallel:3,serial:1", drift_guard=0.06, delay_rank=0, delay_s=0.01),
+    # lr·κ of stage 0 here: 0.065 at the entry of epoch 2, 0.028 at epoch 3: the gate postpones the phase once
+    dict(method="al", ds=2, schedule="serial:1,parallel:2,serial:1", sharpness_gate=0.045, delay_rank=1, delay_s=0.01),
     dict(method="al", al_order="jacobi", ds=2, mult_init="grad", parallel_augment="shift", delay_rank=0, delay_s=0.02),
     dict(method="al", al_order="gs", ds=2, amp="bf16", delay_rank=1, delay_s=0.02),
 ]
@@ -233,7 +235,7 @@ def test_distributed_run_equals_single_process_run(tmp_path, k, cases):
 
 # ------------------------------------------------------------------------------------ failures
 QUICK = ["--subset", "256", "--test-subset", "128", "--batch-size", "64", "--no-progress", "--threads", "1",
-         "--method", "al", "--ds", "2", "--kappa-iters", "2", "--bn-recalib-batches", "2"]
+         "--method", "al", "--ds", "2", "--kappa-iters", "2", "--bn-recalib-batches", "2", "--sharpness-gate", "0"]
 
 FAILING_WORKER = textwrap.dedent("""
     import os, sys
@@ -261,7 +263,7 @@ def test_a_rank_that_raises_stops_the_whole_run(tmp_path):
         from layerpar_fast.launch import launch_local
         cfg = make_config(subset=256, test_subset=128, batch_size=64, progress=False, threads=1, method="al",
                           stages=2, ds=2, kappa_iters=2, bn_recalib_batches=2, schedule="parallel:2",
-                          timeout_s=60.0, out={str(tmp_path / 'run')!r})
+                          sharpness_gate=0, timeout_s=60.0, out={str(tmp_path / 'run')!r})
         sys.exit(launch_local(cfg, {str(tmp_path / 'run')!r}, False,
                               entry=[sys.executable, "-u", {str(script)!r}]))
     """)
@@ -471,7 +473,7 @@ def test_debug_sync_cli_run_equals_the_local_transport(tmp_path):
     parallel:2` completes and equals --transport local (here on 600 images, last batch uneven)."""
     common = ["--dataset", "embedded", "--method", "al", "--stages", "2", "--schedule", "parallel:2",
               "--subset", "600", "--batch-size", "128", "--test-subset", "200", "--kappa-iters", "3",
-              "--bn-recalib-batches", "2", "--no-progress", "--threads", "1", "--timeout-s", "60"]
+              "--bn-recalib-batches", "2", "--no-progress", "--threads", "1", "--timeout-s", "60", "--sharpness-gate", "0"]
     d = _train([*common, "--out", str(tmp_path / "dist")], {"LAYERPAR_DEBUG_SYNC": "1"})
     assert d.returncode == 0, d.stdout + d.stderr
     loc = _train([*common, "--transport", "local", "--out", str(tmp_path / "local")], {})

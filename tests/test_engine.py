@@ -34,7 +34,7 @@ def tiny_model(seed=0, width=4, classes=4):
 def trainer(tmp_path=None, cuts=(2, 3), size=8, **kw):
     base = dict(method="al", stages=len(cuts) + 1, ds=2, batch_size=16, eval_batch_size=16, lr=0.05,
                 schedule="parallel:2", progress=False, kappa_iters=3, bn_recalib_batches=2, augment="none",
-                threads=1, drift_guard=0)      # the mechanics under test; the guard has tests of its own
+                threads=1, drift_guard=0, sharpness_gate=0)   # the mechanics under test; guard and gate have tests of their own
     log = kw.pop("log", lambda m: None)
     base.update(kw)
     cfg = make_config(**base)
@@ -466,6 +466,100 @@ def test_drift_guard_bad_values_are_refused():
     for bad in (-0.1, float("nan"), float("inf")):
         with pytest.raises(ConfigError, match="--drift-guard must be a number >= 0"):
             make_config(method="al", stages=2, drift_guard=bad)
+
+
+# --------------------------------------------------------------------------- --sharpness-gate
+def test_sharp_stages_rule():
+    from layerpar_fast.phase_parallel import sharp_stages
+    nan = float("nan")
+    assert sharp_stages([1.0, 6.0, nan], 0.05, 0.25) == [1]            # 0.05, 0.3 > 0.25; NaN passes
+    assert sharp_stages([1.0, 5.0], 0.05, 0.25) == []                  # 0.25 is not above the gate
+    assert sharp_stages([1e9, 1e9], 0.05, 0) == []                     # 0: off
+    assert sharp_stages([2.0, 20.0], 0.1, 0.25) == [1]
+
+
+def test_postpone_moves_the_phase_entry_and_keeps_the_k_minus_1_rule():
+    from layerpar_fast.trainer import _postpone
+    plan = [(0, "serial", 0, 2), (0, "serial", 1, 2), (1, "parallel", 0, 3), (1, "parallel", 1, 3),
+            (1, "parallel", 2, 3), (2, "serial", 0, 1)]
+    p2 = list(plan)
+    assert _postpone(p2, 2, stages=2) == 1
+    assert p2[2:5] == [(1, "serial", 0, 1), (1, "parallel", 0, 2), (1, "parallel", 1, 2)] and p2[5] == plan[5]
+    assert _postpone(p2, 3, stages=2) == 1                             # again: one parallel epoch left (K - 1 = 1)
+    assert p2[3:5] == [(1, "serial", 0, 1), (1, "parallel", 0, 1)]
+    assert _postpone(p2, 4, stages=2) == 1 and [x[1] for x in p2] == ["serial"] * 6   # none left: serial
+    p3 = list(plan)
+    assert _postpone(p3, 2, stages=4) == 3 and [x[1] for x in p3] == ["serial"] * 6   # 2 < K - 1 = 3: serial
+
+
+def _fake_kappas(monkeypatch, sharp_calls):
+    """estimate_kappa as measured, except calls number ``sharp_calls`` (0-based), which return 1e9."""
+    import layerpar_fast.phase_parallel as pp
+    real, calls = pp.estimate_kappa, []
+
+    def fake(*a, **kw):
+        calls.append(None)
+        return 1e9 if len(calls) - 1 in sharp_calls else real(*a, **kw)
+    monkeypatch.setattr(pp, "estimate_kappa", fake)
+    return calls
+
+
+def test_sharpness_gate_postpones_the_phase_bit_for_bit_the_later_phase(tmp_path, monkeypatch):
+    """A phase entry where a stage's lr·κ exceeds --sharpness-gate runs serially and the phase opens
+    one epoch later: bit for bit the run whose schedule had one more serial epoch before it."""
+    _fake_kappas(monkeypatch, {0})            # stage 0 at the first entry; stage 1 measured
+    logs = []
+    g = trainer(tmp_path / "g", log=logs.append, schedule="serial:1,parallel:3,serial:1", sharpness_gate=1e6)
+    summary = g.run()
+    monkeypatch.undo()
+    oracle = trainer(schedule="serial:2,parallel:2,serial:1")
+    oracle.run()
+    assert_same(params(g.model), params(oracle.model))
+    assert [r["phase"] for r in g.records] == ["serial", "serial", "parallel", "parallel", "serial"]
+    assert [r["test_acc"] for r in g.records] == [r["test_acc"] for r in oracle.records]
+    assert [x["epoch"] for x in summary["sharpness_gated"]] == [2]
+    assert summary["sharpness_gated"][0]["lr_kappa"][0] > 1e6
+    assert any("--sharpness-gate 1e+06: lr x kappa = " in m and "(stage 0) at the entry of parallel epoch 2" in m
+               for m in logs)
+
+
+def test_sharpness_gate_at_every_entry_gives_the_serial_run(monkeypatch):
+    """Gated at every entry, the phase shrinks from the front until it would be shorter than K − 1
+    epochs (K = 3: two), and then runs serial: the serial run."""
+    _fake_kappas(monkeypatch, set(range(100)))
+    g = trainer(schedule="serial:1,parallel:3,serial:1", sharpness_gate=0.25)
+    g.run()
+    monkeypatch.undo()
+    oracle = trainer(schedule="serial:5")
+    oracle.run()
+    assert_same(params(g.model), params(oracle.model))
+    assert [x["epoch"] for x in g.gated] == [2, 3] and all(r["phase"] == "serial" for r in g.records)
+
+
+def test_sharpness_gate_resumes_exactly(tmp_path, monkeypatch):
+    """Stopped after the postponed epoch: the resumed run replays the postponement from the
+    checkpoint and ends with the uninterrupted run's parameters and phases."""
+    _fake_kappas(monkeypatch, {0})
+    full = trainer(tmp_path / "full", schedule="serial:1,parallel:3,serial:1", sharpness_gate=1e6)
+    full.run()
+    _fake_kappas(monkeypatch, {0})
+    cut = trainer(tmp_path / "cut", schedule="serial:1,parallel:3,serial:1", sharpness_gate=1e6, stop_after=2)
+    assert cut.run()["stopped_after"] == 2
+    monkeypatch.undo()                        # the resumed run measures every κ
+    resumed = HybridTrainer(cut.cfg, str(tmp_path / "cut"), data=tiny_data(), model=tiny_model(), cuts=[2, 3],
+                            log=lambda m: None, resume=True)
+    resumed.run()
+    assert_same(params(full.model), params(resumed.model))
+    assert [r["phase"] for r in resumed.records] == [r["phase"] for r in full.records]
+    assert [x["epoch"] for x in resumed.gated] == [2]
+
+
+def test_sharpness_gate_default_and_bad_values():
+    from layerpar_fast.config import Config, ConfigError
+    assert Config().sharpness_gate == 0.25
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="--sharpness-gate must be a number >= 0"):
+            make_config(method="al", stages=2, sharpness_gate=bad)
 
 
 def test_too_short_a_budget_warns_that_the_default_schedule_is_serial():

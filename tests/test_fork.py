@@ -12,7 +12,7 @@ from layerpar_fast.cli import main
 
 QUICK = ["--subset", "256", "--test-subset", "128", "--batch-size", "64", "--no-progress", "--threads", "1"]
 SPH = [*QUICK, "--method", "al", "--stages", "2", "--transport", "local", "--kappa-iters", "2",
-       "--bn-recalib-batches", "1", "--schedule", "serial:1,parallel:1,serial:1"]
+       "--bn-recalib-batches", "1", "--schedule", "serial:1,parallel:1,serial:1", "--sharpness-gate", "0"]
 
 
 def _model(run):
@@ -99,6 +99,21 @@ def test_parallel_options_stay_fixed_once_a_parallel_epoch_ran(tmp_path, capsys)
     assert "can change only while the run has trained serial epochs only (it ran serial:1,parallel:1)" \
         in capsys.readouterr().err
     # the same options: a plain copy that continues like the source
+    assert main(["train", "--fork", str(run), "--out", str(tmp_path / "g")]) == 0
+    assert main(["train", "--resume", str(run)]) == 0
+    assert _same(_model(tmp_path / "g"), _model(run))
+
+
+def test_a_plain_fork_of_a_run_whose_schedule_changed_while_it_ran(tmp_path):
+    """The source's plan edits travel with its checkpoint: a run whose phase entry the sharpness gate
+    ran serial (its epochs so far: serial:2, its schedule serial:1,parallel:2,...) forks to a copy
+    that continues like the source's own --resume."""
+    args = [*QUICK, "--method", "al", "--stages", "2", "--transport", "local", "--kappa-iters", "2",
+            "--bn-recalib-batches", "1", "--schedule", "serial:1,parallel:2,serial:1", "--sharpness-gate", "1e-9"]
+    run = tmp_path / "p"
+    assert main(["train", *args, "--stop-after", "2", "--out", str(run)]) == 0
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert [g["epoch"] for g in state["gated"]] == [2] and [r["phase"] for r in state["records"]] == ["serial"] * 2
     assert main(["train", "--fork", str(run), "--out", str(tmp_path / "g")]) == 0
     assert main(["train", "--resume", str(run)]) == 0
     assert _same(_model(tmp_path / "g"), _model(run))
