@@ -38,8 +38,8 @@ _TRAIN_OPTIONS: dict[str, tuple[Any, str]] = {
     "sharpness_gate": (float, "open a parallel phase only when lr x kappa_k, the learning rate times the top curvature "
                               "of stage k's outputs measured at the phase's entry, is at most this for every stage; "
                               "otherwise the epoch runs serial and the check repeats at the next one (default 0.25: "
-                              "above every phase entry of the accuracy matrix's ResNet-20 and MNIST cells, 0.14 or "
-                              "less, below the early ResNet-56 phases, 0.41 or more; 0: off)"),
+                              "above every phase entry of the accuracy matrix's ResNet-20 and MNIST cells, 0.15 or "
+                              "less, below the early ResNet-56 phases, 0.45 or more; 0: off)"),
     "tail_share": (float, "share S/E of the epochs in the default schedule's serial tail (serial:1,parallel:E-1-S,serial:S)"),
     "warm_share": (float, "share of the epochs in the default schedule's serial warm start: W = round(E x share), "
                           "at least 1 (0: one epoch); the parallel phase keeps its E-1-S epochs and the tail gives "
