@@ -246,7 +246,8 @@ def replay_plan_edits(plan: list[tuple[int, str, int, int]], state: dict[str, An
 
 def run_plan(cfg: Config, state: dict[str, Any] | None = None) -> list[str]:
     """The phase of every epoch of ``cfg``'s schedule, with the plan edits of checkpoint ``state``."""
-    plan = [(i, name, j, n) for i, (name, n) in enumerate(cfg.phases()) for j in range(n)]
+    from .trainer import epoch_plan
+    plan = epoch_plan(cfg)
     if state:
         replay_plan_edits(plan, state, cfg.stages)
     return [p[1] for p in plan]

@@ -304,10 +304,7 @@ class HybridTrainer(ParallelPhase, SerialPhase, Evaluation, Checkpoints):
 
     def epoch_plan(self) -> list[tuple[int, str, int, int]]:
         """[(phase_index, phase, epoch_in_phase, phase_length)] for every epoch of the schedule."""
-        plan = []
-        for i, (name, n) in enumerate(self.cfg.phases()):
-            plan.extend((i, name, j, n) for j in range(n))
-        return plan
+        return epoch_plan(self.cfg)
 
 
     # ------------------------------------------------------------------------------------ run
@@ -541,6 +538,11 @@ def _serial_from(plan: list[tuple[int, str, int, int]], epoch: int) -> int:
     for i in range(rest):
         plan[epoch + i] = (pidx, "serial", i, rest)
     return rest
+
+
+def epoch_plan(cfg: Config) -> list[tuple[int, str, int, int]]:
+    """[(phase_index, phase, epoch_in_phase, phase_length)] for every epoch of ``cfg``'s schedule."""
+    return [(i, name, j, n) for i, (name, n) in enumerate(cfg.phases()) for j in range(n)]
 
 
 def _postpone(plan: list[tuple[int, str, int, int]], epoch: int, stages: int) -> int:
