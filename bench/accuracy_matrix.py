@@ -135,6 +135,9 @@ VARIANTS: dict[str, list[str]] = {
     # round 8, K = 4 on augmented CIFAR-10: shift views in the parallel phase, with cuts whose coarse grids move
     # in 4-px steps (the FLOPs-balanced 3,5,8 puts the last cut on the 8x8 map, whose 4x4 grid moves in 8-px steps)
     "pshift-c357": ["--parallel-augment", "shift", "--cuts", "3,5,7"],
+    # round 12, ResNet-56 at K = 4: the default late phase (18 epochs, augmented) on shifted views (s = 1: the
+    # FLOPs-balanced cuts, one on the 8x8 map, move in whole cells with 4-px shifts)
+    "pshift-late": ["--parallel-augment", "shift", "--ds", "1", "--schedule", "serial:12,parallel:3,serial:3"],
     # round 9, K = 4 on augmented CIFAR-10: the multiplier warm start again, now that the phase runs late (lr 0.025)
     "grad-c12": ["--mult-init", "grad", "--beta-c", "1.2"],
     # the stages after a cut train on U(D(a)): at K = 4 three blurred inputs, one on the 8x8 map (DS-forward 39-54%)
