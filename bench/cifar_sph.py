@@ -195,6 +195,13 @@ def fmt_bytes(n: float | None) -> str:
     return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
 
 
+def _threads(command: str, default: int) -> int:
+    """The torch threads a recorded command ran with (its last --threads; --set threads=N appends one)."""
+    words = command.split()
+    found = [words[i + 1] for i, w in enumerate(words[:-1]) if w == "--threads"]
+    return int(found[-1]) if found and found[-1].isdigit() else default
+
+
 def write_table(results: dict[str, Any], meta: dict[str, Any], path: str) -> None:
     base = results.get("serial", {}).get("full_test_acc")
     base_t = results.get("serial", {}).get("wall_time_s")
@@ -224,11 +231,13 @@ def write_table(results: dict[str, Any], meta: dict[str, Any], path: str) -> Non
         local = r.get("transport") == "local" and r["stages"] > 1
         speed = f"{base_t / r['wall_time_s']:.2f}x" if base_t and not local else "-"
         ds = f"{100 * r['ds_test_acc_last_parallel']:.2f}%" if r.get("ds_test_acc_last_parallel") is not None else "-"
-        workers = "1 x 2 threads" if r["stages"] == 1 else f"{r['stages']} x 1 thread"
+        threads = _threads(r.get("command", ""), 2 if r["stages"] == 1 else 1)
+        per = f"{threads} thread{'s' if threads > 1 else ''}"
+        workers = f"1 x {per}" if r["stages"] == 1 else f"{r['stages']} x {per}"
         if name == "tail-only":
-            workers = "1 x 2 threads (idle epochs cost 0 s)"
+            workers = f"1 x {per} (idle epochs cost 0 s)"
         if local:
-            workers = f"{r['stages']} stages in 1 process x 1 thread (serial time)"
+            workers = f"{r['stages']} stages in 1 process x {per} (serial time)"
         byt = fmt_bytes(r.get("bytes_per_epoch"))
         if r.get("bytes_per_epoch") and r.get("ds", 1) > 1:
             byt += f" ({fmt_bytes(r.get('bytes_per_epoch_full_resolution'))} at s = 1)"

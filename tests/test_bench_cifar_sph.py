@@ -120,3 +120,19 @@ def test_local_k4_rows_say_serial_time_and_list_per_stage_monitors(tmp_path):
     assert "1.5 min | - |" in row                      # no speed ratio for a one-process simulation
     assert "Per-stage monitors of `al-s2-shift-k4-tail8`" in text
     assert "| 2 | -0.10 | +0.20 | +0.50 | 0.010 | 0.020 | 0.300 | 50.00% |" in text
+
+
+def test_rows_name_the_threads_the_recorded_command_ran_with(tmp_path):
+    """--set threads=2 appends a second --threads: the row says what the run used."""
+    row = {"schedule": "s", "stages": 4, "ds": 1, "wall_time_s": 60.0, "full_test_acc": 0.85, "transport": "local"}
+    results = {"serial": {"schedule": "s", "stages": 1, "ds": 1, "wall_time_s": 60.0, "full_test_acc": 0.85},
+               "sph-k4": dict(row, command="layerpar train --stages 4 --threads 1 --transport local --threads 2"),
+               "sph-k3": dict(row, stages=3, command="layerpar train --stages 3 --threads 1")}
+    meta = {"model": "resnet20", "epochs": 18, "subset": None, "test_subset": 2000, "num_test": 10000,
+            "machine": "m", "command": "c"}
+    cifar_sph.write_table(results, meta, str(tmp_path / "t.md"))
+    lines = (tmp_path / "t.md").read_text().splitlines()
+    assert "4 stages in 1 process x 2 threads (serial time)" in next(x for x in lines if x.startswith("| sph-k4 "))
+    assert "3 stages in 1 process x 1 thread (serial time)" in next(x for x in lines if x.startswith("| sph-k3 "))
+    assert "| 1 x 2 threads |" in next(x for x in lines if x.startswith("| serial "))
+    assert cifar_sph._threads("x --threads", 1) == 1 and cifar_sph._threads("", 2) == 2
