@@ -109,7 +109,8 @@ def worker(argv: list[str]) -> int:
                 if v == "parallel_ref":   # every fused op through the reference torch code
                     os.environ["LAYERPAR_OPS"] = "ref"
                 t0 = time.perf_counter()
-                tr._enter_parallel(0, rep)
+                if not tr._enter_parallel(0, rep):
+                    raise RuntimeError("the parallel phase did not open (sharpness gate)")
                 t1 = time.perf_counter()
                 rec = tr._parallel_epoch(rep)
                 t2 = time.perf_counter()
@@ -268,7 +269,8 @@ def _measure(args: argparse.Namespace, variants: tuple[str, ...]) -> dict[str, A
                       model=args.model, method=args.method, stages=2, ds=args.ds, batch_size=args.batch_size,
                       schedule=f"parallel:{args.repeats}", serial_on="all", threads=1, progress=False,
                       timeout_s=3600.0, kappa_iters=args.kappa_iters, bn_recalib_batches=0,
-                      balance=args.balance, cuts=args.cuts)
+                      balance=args.balance, cuts=args.cuts,
+                      sharpness_gate=0)   # time the epoch however sharp the fresh network (method.md §6)
     with tempfile.TemporaryDirectory() as tmp:
         result = os.path.join(tmp, "result.json")
         code = launch_local(cfg, tmp, False, entry=[sys.executable, "-u", os.path.abspath(__file__), "worker",

@@ -188,7 +188,8 @@ def _run_variant(tr: Any, v: str, epoch: int, schedules: dict[str, Any], lr_fn: 
     if v.startswith("sph:s"):
         _set_s(tr, int(v[5:]))
         t0 = time.perf_counter()
-        tr._enter_parallel(0, epoch)
+        if not tr._enter_parallel(0, epoch):
+            raise RuntimeError("the parallel phase did not open (sharpness gate); run with sharpness_gate 0")
         t1 = time.perf_counter()
         rec = tr._parallel_epoch(epoch)
         t2 = time.perf_counter()
@@ -264,7 +265,9 @@ def worker(argv: list[str]) -> int:
 # ------------------------------------------------------------------------------------ a link's launch
 def _config(job: dict[str, Any]) -> Any:
     from layerpar_fast.config import make_config
-    extra = job.get("config", {})
+    # the parallel epoch is timed however sharp the fresh network is: without this the phase's
+    # sharpness gate (docs/method.md §6) keeps it serial on a deep untrained network (ResNet-56)
+    extra = {"sharpness_gate": 0.0, **job.get("config", {})}
     return make_config(dataset=job["dataset"], data_dir=job["data_dir"], subset=job["subset"],
                        test_subset=job.get("test_subset", 1000), model=job["model"], method="al", stages=2,
                        ds=job.get("ds", 1), batch_size=job["batch_size"],

@@ -234,3 +234,14 @@ def test_tta_tiny(tmp_path) -> None:
         assert 0 < pts[0]["wall_s"] < pts[1]["wall_s"] and all(0 <= p["test_acc"] <= 1 for p in pts)
     assert [p["phase"] for p in curves["sph"]] == ["serial", "parallel"]
     assert "## link unlimited" in md.read_text() and png.stat().st_size > 0
+
+
+def test_sph_timing_config_keeps_the_phase_open() -> None:
+    """The timed parallel epoch must open whatever the fresh network's sharpness: with the
+    library's default gate a ResNet-56 launch stayed serial and the harness crashed."""
+    import importlib
+    bp = importlib.import_module("bench_peers")
+    job = {"dataset": "embedded", "data_dir": None, "subset": 64, "model": "mnist_resnet", "batch_size": 32,
+           "timeout_s": 60.0, "balance": "flops"}
+    assert bp._config(job).sharpness_gate == 0.0
+    assert bp._config({**job, "config": {"sharpness_gate": 0.5}}).sharpness_gate == 0.5
