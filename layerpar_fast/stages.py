@@ -227,11 +227,16 @@ def _sync(device: torch.device) -> None:
 
 
 def profile_times(model: nn.Sequential, sample_input: torch.Tensor, repeats: int = 3) -> list[float]:
-    """Median forward+backward seconds of every block on ``sample_input`` (after one warm-up).
+    """Median forward+backward seconds of every block on ``sample_input``.
 
-    Blocks run in the model's current train/eval mode. Gradients are taken with
-    ``torch.autograd.grad`` (no ``.grad`` is touched); buffers (BatchNorm running statistics)
-    and the RNG state are restored afterwards, so the model state is left as it was.
+    One untimed round over all blocks first (allocator, caches, kernel selection), then
+    ``repeats`` rounds, each timing every block once in order, so that a drift of the machine's
+    speed during the measurement hits every block alike instead of the blocks measured last
+    (timing each block ``repeats`` times in a row made ResNet-56's 2-way cut jump between
+    blocks 10 and 12 from one call to the next on a 2-core CPU). Blocks run in the model's current
+    train/eval mode. Gradients are taken with ``torch.autograd.grad`` (no ``.grad`` is touched);
+    buffers (BatchNorm running statistics) and the RNG state are restored afterwards, so the
+    model state is left as it was.
     """
     model = _check_sequential(model)
     if repeats < 1:
@@ -241,20 +246,22 @@ def profile_times(model: nn.Sequential, sample_input: torch.Tensor, repeats: int
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     device = sample_input.device
     devices = [device.index or 0] if device.type == "cuda" else []
-    times: list[float] = []
+    samples: list[list[float]] = [[] for _ in model]
     try:
         with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            inputs: list[torch.Tensor] = []
             x = sample_input.detach()
-            for i, block in enumerate(model):
-                params = [p for p in block.parameters() if p.requires_grad]
-                base = x.detach().requires_grad_(i > 0 and x.is_floating_point())
-                wrt = ([base] if base.requires_grad else []) + params
-                samples: list[float] = []
-                for r in range(repeats + 1):
-                    inp = base.clone()  # a block may modify its input in place
+            for r in range(repeats + 1):          # round 0: warm-up, not timed
+                for i, block in enumerate(model):
+                    if r == 0:
+                        inputs.append(x)
+                    params = [p for p in block.parameters() if p.requires_grad]
+                    base = inputs[i]
+                    inp = base.clone().requires_grad_(i > 0 and base.is_floating_point())
+                    wrt = ([inp] if inp.requires_grad else []) + params
                     _sync(device)
                     t0 = time.perf_counter()
-                    out = block(inp)
+                    out = block(inp)   # (on a clone: a block may modify its input in place)
                     if not isinstance(out, torch.Tensor):
                         raise StagingError(f"block {i} returned a {type(out).__name__}, "
                                            f"not a tensor")
@@ -263,14 +270,14 @@ def profile_times(model: nn.Sequential, sample_input: torch.Tensor, repeats: int
                                             allow_unused=True)
                     _sync(device)
                     if r > 0:
-                        samples.append(time.perf_counter() - t0)
-                times.append(statistics.median(samples))
-                x = out.detach()
+                        samples[i].append(time.perf_counter() - t0)
+                    elif i + 1 < len(model):
+                        x = out.detach()
     finally:
         with torch.no_grad():
             for b, saved in buffers:
                 b.copy_(saved)
-    return times
+    return [statistics.median(s) for s in samples]
 
 
 def balance_by_time(model: nn.Sequential, k: int, sample_input: torch.Tensor,
@@ -301,7 +308,8 @@ def parse_cuts(spec: str | Sequence[int] | None, model: nn.Sequential | Sequence
 
     With ``spec`` None: the model's natural cuts when it is a list of ``k`` stages, otherwise
     ``balance_by_time`` (on ``sample_input``, or a random batch of ``batch_size`` of
-    ``input_shape`` on the model's device) or ``balance_by_flops``, among the ``allowed`` block
+    ``input_shape`` on the model's device: the trainer passes the batch one stage trains on,
+    since the blocks' relative costs change with it) or ``balance_by_flops``, among the ``allowed`` block
     indices when given (StagingError when they leave no partition).
     """
     staged = as_block_sequence(model)

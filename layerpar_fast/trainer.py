@@ -148,6 +148,7 @@ class HybridTrainer(ParallelPhase, SerialPhase, Evaluation, Checkpoints):
         k = cfg.stages
         if cuts is None:
             cuts = parse_cuts(cfg.cuts, staged, k, self.input_shape, balance=cfg.balance,
+                              batch_size=cfg.batch_size // cfg.replicas,
                               allowed=self._shift_view_cuts(staged)) if k > 1 else []
         self.cuts = list(cuts)
         if cfg.cuts is None and k > 1 and cfg.balance == "time":
@@ -228,6 +229,7 @@ class HybridTrainer(ParallelPhase, SerialPhase, Evaluation, Checkpoints):
                 staged = as_block_sequence(model)
                 staged.blocks.to(self.device)
                 result = parse_cuts(None, staged, cfg.stages, tuple(data.x_train.shape[1:]), balance="time",
+                                    batch_size=cfg.batch_size // cfg.replicas,
                                     allowed=self._shift_view_cuts(staged))
             except Exception as e:  # every rank raises the same error
                 result = e

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import time
 
 import pytest
 import torch
@@ -145,6 +146,32 @@ def test_balance_by_time_mnist_resnet_leaves_state_untouched() -> None:
         assert torch.equal(v, before[k]), k
     times = profile_times(model, x, repeats=1)
     assert len(times) == len(model) and all(t > 0 for t in times)
+
+
+class _Sleepy(nn.Module):
+    """A block that takes ``ms`` per call, and ``first_ms`` on its first call (lazy set-up)."""
+
+    def __init__(self, ms: float, first_ms: float | None = None) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(()))
+        self.ms, self.first_ms, self.calls = ms, first_ms, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        ms = self.first_ms if self.calls == 1 and self.first_ms is not None else self.ms
+        time.sleep(ms / 1000.0)
+        return x * self.w
+
+
+def test_profile_times_warm_up_round_is_not_timed_and_cuts_follow_measured_time() -> None:
+    # block 0 is slow only on its first call: the untimed warm-up round takes that, so the
+    # balanced cut follows the steady-state costs (30 ms, then 3 x 10 ms)
+    model = nn.Sequential(_Sleepy(30.0, first_ms=400.0), _Sleepy(10.0), _Sleepy(10.0), _Sleepy(10.0))
+    times = profile_times(model, torch.randn(2, 3), repeats=3)
+    assert [m.calls for m in model] == [4, 4, 4, 4]       # 1 warm-up + 3 timed rounds
+    assert 0.025 < times[0] < 0.2, times
+    assert all(0.008 < t < 0.1 for t in times[1:]), times
+    assert balance_by_time(model, 2, torch.randn(2, 3), repeats=3) == [1]
 
 
 def test_parse_cuts_user_spec_and_balanced() -> None:
