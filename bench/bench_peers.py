@@ -201,6 +201,7 @@ def _run_variant(tr: Any, v: str, epoch: int, schedules: dict[str, Any], lr_fn: 
         return {"epoch_s": rec["parallel_wall_s"], "enter_s": t1 - t0, "after_s": t2 - t1 - rec["parallel_wall_s"],
                 "steps": steps_all, "images": n_train, "bytes": float(sent),
                 "exposed_s": rec["stages"][crit]["wait_s"], "waits_s": [s["wait_s"] for s in rec["stages"]],
+                "busy_s": busy, "wall_per_rank_s": rec["parallel_wall_per_rank_s"],
                 "loss_last": rec["train_loss"]}
     raise UsageError(f"unknown variant {v!r}")
 
