@@ -247,6 +247,7 @@ def profile_times(model: nn.Sequential, sample_input: torch.Tensor, repeats: int
     device = sample_input.device
     devices = [device.index or 0] if device.type == "cuda" else []
     samples: list[list[float]] = [[] for _ in model]
+    params = [[p for p in block.parameters() if p.requires_grad] for block in model]
     try:
         with torch.random.fork_rng(devices=devices), torch.enable_grad():
             inputs: list[torch.Tensor] = []
@@ -255,10 +256,9 @@ def profile_times(model: nn.Sequential, sample_input: torch.Tensor, repeats: int
                 for i, block in enumerate(model):
                     if r == 0:
                         inputs.append(x)
-                    params = [p for p in block.parameters() if p.requires_grad]
                     base = inputs[i]
                     inp = base.clone().requires_grad_(i > 0 and base.is_floating_point())
-                    wrt = ([inp] if inp.requires_grad else []) + params
+                    wrt = ([inp] if inp.requires_grad else []) + params[i]
                     _sync(device)
                     t0 = time.perf_counter()
                     out = block(inp)   # (on a clone: a block may modify its input in place)
@@ -271,7 +271,7 @@ def profile_times(model: nn.Sequential, sample_input: torch.Tensor, repeats: int
                     _sync(device)
                     if r > 0:
                         samples[i].append(time.perf_counter() - t0)
-                    elif i + 1 < len(model):
+                    else:
                         x = out.detach()
     finally:
         with torch.no_grad():
