@@ -147,6 +147,8 @@ VARIANTS: dict[str, list[str]] = {
     "ds2": ["--ds", "2"],            # the default before round 9 at every K
     "bf16": ["--amp", "bf16"],                                   # mixed precision (issue 15's accuracy check)
     "replicas2": ["--replicas", "2"],                            # K stages x 2 replicas, same global batch (issue 13)
+    # round 13: the pace guard, a parallel epoch kept only when it lowers the held-in training loss
+    "pace2k": ["--pace-rows", "2048"],
 }
 
 

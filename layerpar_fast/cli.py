@@ -40,6 +40,10 @@ _TRAIN_OPTIONS: dict[str, tuple[Any, str]] = {
                               "otherwise the epoch runs serial and the check repeats at the next one (default 0.25: "
                               "above every phase entry of the accuracy matrix's ResNet-20 and MNIST cells, 0.15 or "
                               "less, below the early ResNet-56 phases, 0.45 or more; 0: off)"),
+    "pace_rows": (int, "the pace guard: the assembled network's loss on this many held-in training rows (the serial "
+                       "epochs' views: augmented as they are, one fixed view per row) is measured at a parallel "
+                       "phase's entry and after each parallel epoch; an epoch that does not lower it is undone and "
+                       "the rest of its phase runs serial, as with --drift-guard (0: off)"),
     "tail_share": (float, "share S/E of the epochs in the default schedule's serial tail (serial:1,parallel:E-1-S,serial:S)"),
     "warm_share": (float, "share of the epochs in the default schedule's serial warm start: W = round(E x share), "
                           "at least 1 (0: one epoch); the parallel phase keeps its E-1-S epochs and the tail gives "
@@ -122,7 +126,8 @@ _GROUPS = {
                "mult_init", "stage_lr", "window", "parallel_augment", "aux_dtype", "aux_device", "kappa_iters",
                "bn_recalib_batches"),
     "schedule and optimisation": ("epochs", "schedule", "tail_share", "warm_share", "aug_parallel_share", "aug_warm_share",
-                                  "switch_drift", "drift_guard", "sharpness_gate", "batch_size", "eval_batch_size",
+                                  "switch_drift", "drift_guard", "sharpness_gate", "pace_rows", "batch_size",
+                                  "eval_batch_size",
                                   "lr", "lr_schedule", "milestones", "lr_decay", "warmup_epochs", "momentum",
                                   "nesterov", "weight_decay", "wd_bn", "label_smoothing", "seed"),
     "distributed and devices": ("transport", "serial_on", "serial_bn", "timeout_s", "threads", "device"),
@@ -267,7 +272,7 @@ def _train_config(args: argparse.Namespace) -> tuple[Config, str, bool]:
 
 #: options a fork may change while its source has run serial epochs only: they act in parallel phases
 #: (or shape the schedule's later phases, checked against the epochs already run)
-FORKABLE = ("parallel_augment", "mult_init", "stage_lr", "switch_drift", "drift_guard", "sharpness_gate", "beta", "beta_c", "gamma", "al_order",
+FORKABLE = ("parallel_augment", "mult_init", "stage_lr", "switch_drift", "drift_guard", "sharpness_gate", "pace_rows", "beta", "beta_c", "gamma", "al_order",
             "window", "aux_dtype", "kappa_iters", "ds", "filter", "schedule", "warm_share", "aug_warm_share",
             "tail_share", "aug_parallel_share", "bn_recalib_batches")
 

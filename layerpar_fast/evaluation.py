@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .data.loader import BatchLoader, _derive_seed
 from .monitors import frozen_bn_stats
 
 
@@ -87,6 +88,46 @@ class Evaluation:
         self.model.train()
         sums = topo.sum_(sums, self.device)
         return float(sums[0] / sums[2]), float(sums[1] / sums[2])
+
+    @torch.no_grad()
+    def heldin_loss(self) -> float:
+        """The pace guard's measure (--pace-rows, docs/method.md §6): mean cross-entropy of the
+        assembled network in eval mode on ``cfg.pace_rows`` held-in training rows, in the serial
+        epochs' views (augmented as they are, one fixed view per row, drawn from the loader's own
+        generators: no training randomness is used). Sharded over the ranks like :meth:`evaluate`;
+        each batch's sum fills its own slot before the slots are summed across ranks and then in
+        batch order, so one process and K processes get the same number, bit for bit."""
+        loader = self._heldin_loader()
+        topo = self.topology
+        batches = loader.batches(0)
+        slots = torch.zeros(len(batches), dtype=torch.float64)
+        self.model.eval()
+        for i, idx in enumerate(batches):
+            if i % topo.world != topo.rank:
+                continue
+            _, x, y = loader.load(idx, 0, i)
+            with self.precision.autocast():
+                out = self.model(x).float()
+            slots[i] = float(F.cross_entropy(out, y, reduction="sum"))
+        self.model.train()
+        slots = topo.sum_(slots, self.device)
+        total = 0.0
+        for v in slots.tolist():
+            total += v
+        return total / loader.num_samples
+
+    def _heldin_loader(self) -> Any:
+        """The pace guard's rows: the first ``pace_rows`` of a permutation of the training set
+        drawn from its own seed (all rows when there are fewer), in fixed batches and views."""
+        if getattr(self, "_heldin", None) is None:
+            ds, cfg = self.data, self.cfg
+            n = ds.x_train.shape[0]
+            g = torch.Generator().manual_seed(_derive_seed(cfg.seed, 0x9ACE))
+            rows = torch.randperm(n, generator=g)[: min(cfg.pace_rows, n)]
+            self._heldin = BatchLoader(ds.x_train, ds.y_train, cfg.eval_batch_size, ds.mean, ds.std,
+                                       shuffle=False, augment=self.aug, seed=_derive_seed(cfg.seed, 0x9ACE, 1),
+                                       device=self.device, channels_last=cfg.channels_last, indices=rows)
+        return self._heldin
 
     def _evaluate_epoch(self, phase: str) -> dict[str, Any]:
         t0 = time.perf_counter()

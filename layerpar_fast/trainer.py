@@ -204,7 +204,7 @@ class HybridTrainer(ParallelPhase, SerialPhase, Evaluation, Checkpoints):
         self.epoch = 0
         self.plan = self.epoch_plan()      # may change: --switch-drift ends a parallel phase early
         self.switches: list[int] = []      # epochs after which a parallel phase was ended early
-        self.rollbacks: list[dict[str, Any]] = []   # records of parallel epochs undone by --drift-guard
+        self.rollbacks: list[dict[str, Any]] = []   # records of parallel epochs undone by --drift-guard / --pace-rows
         self.gated: list[dict[str, Any]] = []       # phase entries that --sharpness-gate turned serial
         self.records: list[dict[str, Any]] = []
         self.phase_state: PhaseState | None = None
@@ -343,17 +343,30 @@ class HybridTrainer(ParallelPhase, SerialPhase, Evaluation, Checkpoints):
                 rec = {"epoch": self.epoch + 1, "phase": "idle", "train_loss": float("nan"),
                        "train_acc": float("nan"), "lr": self.lr_at((self.epoch + 1) * self.steps_per_epoch - 1)}
             else:
-                snap = self._snapshot() if cfg.drift_guard > 0 else None
-                if (j == 0 or self.stores is None) and not self._enter_parallel(pidx, self.epoch):
+                snap = self._snapshot() if cfg.drift_guard > 0 or cfg.pace_rows > 0 else None
+                entry = j == 0 or self.stores is None
+                # the pace guard's reference: the network as the phase finds it (measured before the
+                # entry's own forward passes, which may touch BatchNorm statistics)
+                ref = self.heldin_loss() if cfg.pace_rows > 0 and entry else None
+                if entry and not self._enter_parallel(pidx, self.epoch):
                     _postpone(plan, self.epoch, len(self.stages))   # this epoch reruns as a serial one
                     continue
+                if ref is not None:
+                    self.phase_state.pace_ref = ref
                 rec = self._parallel_epoch(self.epoch)
             rec.update(self._evaluate_epoch(phase))
+            if phase == "parallel" and cfg.pace_rows > 0:
+                rec["heldin_ref"] = self.phase_state.pace_ref
+                rec["heldin_loss"] = self.heldin_loss()
             rec["epoch_time_s"] = time.perf_counter() - t0
             rec["wall_time_s"] = time.perf_counter() - t_start
-            if phase == "parallel" and cfg.drift_guard > 0 and should_switch(rec.get("violation") or [], cfg.drift_guard):
-                self._roll_back(snap, rec)    # the epoch reruns as a serial epoch (the same index)
-                continue
+            if phase == "parallel":
+                why = self._guard_verdict(rec)
+                if why:
+                    self._roll_back(snap, rec, why)    # the epoch reruns as a serial epoch (the same index)
+                    continue
+                if cfg.pace_rows > 0:
+                    self.phase_state.pace_ref = rec["heldin_loss"]
             self.records.append(rec)
             if writer:
                 writer.write(rec)
@@ -392,21 +405,33 @@ class HybridTrainer(ParallelPhase, SerialPhase, Evaluation, Checkpoints):
         restores the same state."""
         return copy.deepcopy(self._train_state())
 
-    def _roll_back(self, snap: dict[str, Any], rec: dict[str, Any]) -> None:
-        """--drift-guard: undo the parallel epoch just run (its record goes to ``self.rollbacks``,
-        not to the metrics) and turn it and the rest of its phase into serial epochs. The result is
-        the run whose schedule ended that phase one epoch earlier, bit for bit (tested); the
-        decision is made from the epoch's record, the same on every rank."""
+    def _guard_verdict(self, rec: dict[str, Any]) -> str:
+        """Why the parallel epoch of record ``rec`` is to be undone ('' when it stays): the drift
+        guard (a stage's drift above --drift-guard), then the pace guard (the held-in loss not
+        lowered, --pace-rows). Decided from the record, the same on every rank."""
+        cfg = self.cfg
+        if cfg.drift_guard > 0 and should_switch(rec.get("violation") or [], cfg.drift_guard):
+            return f"drift {max(rec['violation']):.3f} > --drift-guard {cfg.drift_guard:g}"
+        ref = rec.get("heldin_ref")      # None: a phase resumed from a checkpoint written without the guard
+        if cfg.pace_rows > 0 and ref is not None and not rec["heldin_loss"] < ref:
+            return (f"held-in loss {rec['heldin_loss']:.4f}, not below {rec['heldin_ref']:.4f} "
+                    f"(--pace-rows {cfg.pace_rows})")
+        return ""
+
+    def _roll_back(self, snap: dict[str, Any], rec: dict[str, Any], why: str) -> None:
+        """--drift-guard / --pace-rows: undo the parallel epoch just run (its record goes to
+        ``self.rollbacks``, not to the metrics) and turn it and the rest of its phase into serial
+        epochs. The result is the run whose schedule ended that phase one epoch earlier, bit for
+        bit (tested); the decision is made from the epoch's record, the same on every rank."""
         e = self.epoch
         self._load_train_state(snap)
         self.stores = None
         self.phase_state = None
         rest = _serial_from(self.plan, e)
-        rec = dict(rec, rolled_back=True)
+        rec = dict(rec, rolled_back=True, rolled_back_why=why)
         self.rollbacks.append(rec)
-        self.log(f"drift {max(rec['violation']):.3f} > --drift-guard {self.cfg.drift_guard:g} in parallel epoch "
-                 f"{e + 1}: the epoch is undone and reruns serially, with the {rest - 1} remaining epoch(s) "
-                 f"of its phase (the {rec['epoch_time_s']:.1f} s it took are lost)")
+        self.log(f"{why} in parallel epoch {e + 1}: the epoch is undone and reruns serially, with the "
+                 f"{rest - 1} remaining epoch(s) of its phase (the {rec['epoch_time_s']:.1f} s it took are lost)")
 
     def _summary(self, wall: float) -> dict[str, Any]:
         accs = [r["test_acc"] for r in self.records]
@@ -420,7 +445,8 @@ class HybridTrainer(ParallelPhase, SerialPhase, Evaluation, Checkpoints):
             "time_per_epoch_s": {p: _mean([r["epoch_time_s"] for r in self.records if r["phase"] == p])
                                  for p in ("serial", "parallel", "idle")},
             "config": self.cfg.to_dict(),
-            "rolled_back": [{k: r[k] for k in ("epoch", "violation", "test_acc", "epoch_time_s") if k in r}
+            "rolled_back": [{k: r[k] for k in ("epoch", "rolled_back_why", "violation", "heldin_ref", "heldin_loss",
+                                               "test_acc", "epoch_time_s") if k in r}
                             for r in self.rollbacks],
             "sharpness_gated": self.gated,
             "cuts": self.cuts,

@@ -185,6 +185,8 @@ CASES_2 = [
     dict(method="al", ds=2, schedule="serial:1,parallel:2,serial:1", sharpness_gate=0.045, delay_rank=1, delay_s=0.01),
     dict(method="al", al_order="jacobi", ds=2, mult_init="grad", parallel_augment="shift", delay_rank=0, delay_s=0.02),
     dict(method="al", al_order="gs", ds=2, amp="bf16", delay_rank=1, delay_s=0.02),
+    # --pace-rows: held-in losses 1.375 -> 1.359 -> 1.303 (kept), then epoch 4 undone on every rank alike
+    dict(method="al", ds=2, schedule="serial:1,parallel:3,serial:1", pace_rows=40, delay_rank=1, delay_s=0.01),
 ]
 CASES_3 = [
     dict(method="al", al_order="gs", ds=2),
@@ -199,6 +201,8 @@ CASES_3 = [
     dict(method="al", ds=2, schedule="parallel:3", switch_drift=1e-9, delay_rank=1, delay_s=0.01),  # same switch
     # --drift-guard undoes parallel epoch 3 (drifts 0.03 / 0.08-0.09 in epochs 2 / 3) on every rank alike
     dict(method="al", ds=2, schedule="serial:1,parallel:3,serial:1", drift_guard=0.06, delay_rank=2, delay_s=0.01),
+    # --pace-rows 16: the phase's first epoch does not lower the held-in loss: undone, the run is serial
+    dict(method="al", ds=2, schedule="serial:1,parallel:3,serial:1", pace_rows=16, delay_rank=0, delay_s=0.01),
 ]
 
 
@@ -219,9 +223,15 @@ def test_distributed_run_equals_single_process_run(tmp_path, k, cases):
             assert diff <= 1e-5, (kw, diff)
         else:
             assert diff <= 1e-6, (kw, diff)
+        assert [r["phase"] for r in res["records"]] == [r["phase"] for r in ref_records], kw
+        for r, q in zip(res["records"], ref_records):     # the pace guard measured what one process measures
+            assert (r.get("heldin_loss") is None) == (q.get("heldin_loss") is None), kw
+            assert r.get("heldin_loss") is None or abs(r["heldin_loss"] - q["heldin_loss"]) <= 1e-6, kw
+        if kw.get("pace_rows") == 16:
+            assert all(r["phase"] == "serial" for r in res["records"]), kw
+            continue
         par = [r for r in res["records"] if r["phase"] == "parallel"]
         assert par and all(r["ranks"] == k for r in par)
-        assert [r["phase"] for r in res["records"]] == [r["phase"] for r in ref_records], kw
         counters = par[-1]["transport"]
         assert len(counters) == k
         assert counters[0]["bytes_sent"]["in"] > 0 and counters[-1]["bytes_sent"]["g"] > 0

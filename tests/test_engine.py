@@ -468,6 +468,103 @@ def test_drift_guard_bad_values_are_refused():
             make_config(method="al", stages=2, drift_guard=bad)
 
 
+# ------------------------------------------------------------------------------ --pace-rows
+# held-in losses of this setup (serial:1,parallel:3,serial:1, 64 rows): entry 1.4107, epoch 2 1.3986 (kept),
+# epoch 3 1.3997 (not lower: undone)
+PACED = dict(schedule="serial:1,parallel:3,serial:1", pace_rows=64)
+
+
+def test_pace_guard_undoes_an_epoch_that_does_not_lower_the_heldin_loss(tmp_path):
+    """The first parallel epoch lowers the held-in loss and stays; the second does not and is
+    undone: the run equals, bit for bit, the run whose phase ended one epoch earlier."""
+    logs = []
+    g = trainer(tmp_path / "g", log=logs.append, **PACED)
+    summary = g.run()
+    oracle = trainer(schedule="serial:1,parallel:1,serial:3")
+    oracle.run()
+    assert_same(params(g.model), params(oracle.model))
+    assert [r["phase"] for r in g.records] == ["serial", "parallel", "serial", "serial", "serial"]
+    kept = g.records[1]
+    assert kept["heldin_loss"] < kept["heldin_ref"]
+    undone = g.rollbacks[0]
+    assert undone["epoch"] == 3 and undone["heldin_ref"] == kept["heldin_loss"]
+    assert not undone["heldin_loss"] < undone["heldin_ref"] and "held-in loss" in undone["rolled_back_why"]
+    assert summary["rolled_back"][0]["rolled_back_why"] == undone["rolled_back_why"]
+    assert any("(--pace-rows 64) in parallel epoch 3: the epoch is undone" in m for m in logs)
+
+
+def test_pace_guard_that_keeps_every_epoch_changes_nothing():
+    """Measuring the held-in loss draws on no training randomness and leaves BatchNorm alone: a
+    phase whose epochs all lower it trains exactly as without the guard."""
+    ref = trainer(schedule="serial:1,parallel:1,serial:1")
+    ref.run()
+    g = trainer(schedule="serial:1,parallel:1,serial:1", pace_rows=64)
+    g.run()
+    assert_same(params(ref.model), params(g.model)) and not g.rollbacks
+    assert [r["test_acc"] for r in g.records] == [r["test_acc"] for r in ref.records]
+    assert g.records[1]["heldin_loss"] < g.records[1]["heldin_ref"]
+
+
+def test_pace_guard_on_the_phase_s_first_epoch_gives_the_serial_run():
+    g = trainer(schedule="serial:1,parallel:2,serial:1", pace_rows=16)     # held-in loss 1.3430 -> 1.3517
+    g.run()
+    if not g.rollbacks or g.rollbacks[0]["epoch"] != 2:
+        pytest.fail(f"setup no longer undoes the phase's first epoch: {[r.get('heldin_loss') for r in g.records]}")
+    oracle = trainer(schedule="serial:4")
+    oracle.run()
+    assert_same(params(g.model), params(oracle.model))
+    assert all(r["phase"] == "serial" for r in g.records)
+
+
+def test_pace_guard_resumes_exactly(tmp_path):
+    """Killed after the kept parallel epoch (the next epoch's reference then comes from the
+    checkpoint) or inside the undone one: the resumed run ends as the uninterrupted one."""
+    full = trainer(tmp_path / "full", **PACED)
+    full.run()
+
+    class Kill(Exception):
+        pass
+
+    for stage, when in (("between", "epoch   2/"), ("inside", "held-in loss")):
+        def killer(msg, when=when):
+            if msg.startswith(when):
+                raise Kill
+        d = tmp_path / stage
+        cut = trainer(d, checkpoint_every=1, **PACED)
+        cut.log = killer
+        with pytest.raises(Kill):
+            cut.run()
+        resumed = HybridTrainer(cut.cfg, str(d), data=tiny_data(), model=tiny_model(), cuts=[2, 3],
+                                log=lambda m: None, resume=True)
+        resumed.run()
+        assert_same(params(full.model), params(resumed.model))
+        assert [r["phase"] for r in resumed.records] == [r["phase"] for r in full.records]
+        assert [r["epoch"] for r in resumed.rollbacks] == [3], stage
+        assert resumed.records[1]["heldin_loss"] == full.records[1]["heldin_loss"]
+
+
+def test_heldin_rows_use_the_serial_epochs_views():
+    """Augmented runs measure on augmented views (fixed per row), plain runs on plain rows; the rows
+    are the same either way, and the measure repeats exactly."""
+    plain = trainer(schedule="serial:1,parallel:1", pace_rows=20)
+    aug = trainer(schedule="serial:1,parallel:1", pace_rows=20, augment="crop_flip")
+    lp, la = plain._heldin_loader(), aug._heldin_loader()
+    assert lp.num_samples == la.num_samples == 20 and torch.equal(lp.order(0), la.order(0))
+    bp, ba = lp.load(lp.batches(0)[0], 0, 0), la.load(la.batches(0)[0], 0, 0)
+    assert torch.equal(bp[2], ba[2]) and not torch.equal(bp[1], ba[1])
+    assert aug.heldin_loss() == aug.heldin_loss()
+    big = trainer(schedule="serial:1,parallel:1", pace_rows=10_000)      # more rows than the data: all of them
+    assert big._heldin_loader().num_samples == 48
+
+
+def test_pace_rows_bad_values_are_refused():
+    from layerpar_fast.config import ConfigError
+    with pytest.raises(ConfigError, match="--pace-rows must be an integer >= 0"):
+        make_config(method="al", stages=2, pace_rows=-1)
+    with pytest.raises(ConfigError, match="pace_rows: expected an integer"):
+        make_config(method="al", stages=2, pace_rows=2.5)
+
+
 # --------------------------------------------------------------------------- --sharpness-gate
 def test_sharp_stages_rule():
     from layerpar_fast.phase_parallel import sharp_stages
