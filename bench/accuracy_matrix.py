@@ -223,7 +223,7 @@ def collect(d: str, cmd: list[str]) -> dict[str, Any]:
         "test_acc": 100 * full["test_acc"], "num_test": full["num_test"],
         "wall_s": summary["wall_time_s"],
         "parallel_share": phases.count("parallel") / max(1, len(phases)),
-        "undone_epochs": len(summary.get("rolled_back") or []),   # parallel epochs undone by --drift-guard
+        "undone_epochs": len(summary.get("rolled_back") or []),   # undone by --drift-guard / --pace-rows
         "gated_epochs": len(summary.get("sharpness_gated") or []),  # phase entries --sharpness-gate ran serial
         "per_epoch": [{"epoch": r["epoch"], "phase": r["phase"], "test_acc": r.get("test_acc"),
                        "train_acc": r.get("train_acc"), "ds_test_acc": r.get("ds_test_acc"),
@@ -344,12 +344,30 @@ def drift_rows(args: argparse.Namespace, run: Any = subprocess.run) -> list[dict
                             continue
                     recs = [json.loads(x) for x in open(metrics)]
                     par = [r for r in recs if r.get("phase") == "parallel"]
+                    undone = _rollbacks(d)
                     rows.append({"cell": cell, "K": k, "seed": seed, "variant": arm,
                                  "schedule": resolved_schedule(cmd),
+                                 "schedule_run": schedule_text([r["phase"] for r in recs]),
                                  "drift": [[round(v, 4) for v in r.get("violation") or []] for r in par],
                                  "epochs": [r["epoch"] for r in par],
-                                 "max_drift": round(max((max(r.get("violation") or [0.0]) for r in par), default=0.0), 4)})
+                                 "max_drift": round(max((max(r.get("violation") or [0.0]) for r in par), default=0.0), 4),
+                                 # --pace-rows: the held-in loss before and after each kept parallel epoch
+                                 "heldin": [[round(r["heldin_ref"], 4), round(r["heldin_loss"], 4)] for r in par
+                                            if r.get("heldin_loss") is not None],
+                                 "undone": undone})
     return rows
+
+
+def _rollbacks(d: str) -> list[dict[str, Any]]:
+    """The parallel epochs a run's guards undid (from its checkpoint): epoch, why, and the held-in
+    losses or drifts behind the verdict."""
+    ckpt = os.path.join(d, "checkpoint.pt")
+    if not os.path.isfile(ckpt):
+        return []
+    import torch
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    keep = ("epoch", "rolled_back_why", "heldin_ref", "heldin_loss")
+    return [{k: r[k] for k in keep if k in r} for r in state.get("rollbacks") or []]
 
 
 def cmd_drift(args: argparse.Namespace) -> int:
@@ -364,11 +382,17 @@ def cmd_drift(args: argparse.Namespace) -> int:
              f"    python bench/accuracy_matrix.py drift --out {args.out} --cells {args.cells} --ks {args.ks} "
              f"--seeds {args.seeds} --variant {args.variant} --threads {args.threads}"
              + (" --no-train" if getattr(args, "no_train", False) else ""), "",
-             "| cell | K | seed | variant | schedule | drift per parallel epoch | largest |", "|---|---|---|---|---|---|---|"]
+             "| cell | K | seed | variant | schedule | drift per parallel epoch | largest | held-in loss (entry, after "
+             "each kept epoch) | undone |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         per = ", ".join(f"{max(v):.3f}" for v in r["drift"] if v)
-        lines.append(f"| {r['cell']} | {r['K']} | {r['seed']} | {r['variant']} | `{r['schedule']}` | {per} | "
-                     f"{r['max_drift']:.3f} |")
+        held = r.get("heldin") or []
+        seq = ", ".join([f"{held[0][0]:.4f}"] + [f"{h[1]:.4f}" for h in held]) if held else "-"
+        und = "; ".join(f"epoch {u['epoch']}: " + (f"{u['heldin_loss']:.4f} vs {u['heldin_ref']:.4f}"
+                                                    if "heldin_loss" in u else u.get("rolled_back_why", ""))
+                        for u in r.get("undone") or []) or "-"
+        lines.append(f"| {r['cell']} | {r['K']} | {r['seed']} | {r['variant']} | `{r['schedule']}` | {per or '-'} | "
+                     f"{r['max_drift']:.3f} | {seq} | {und} |")
     with open(args.md, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -601,11 +625,11 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
 
 
 def _undone(r: dict[str, Any]) -> str:
-    """' (+N parallel epochs undone)' where --drift-guard undid epochs, ' (N phase entries gated)'
+    """' (+N parallel epochs undone)' where --drift-guard / --pace-rows undid epochs, ' (N phase entries gated)'
     where --sharpness-gate ran them serial (means over seeds), else ''."""
     n = r.get("undone_epochs") or 0
     g = r.get("gated_epochs") or 0
-    return ((f" (+{n:g} parallel epoch{'s' if n != 1 else ''} undone by the drift guard)" if n else "")
+    return ((f" (+{n:g} parallel epoch{'s' if n != 1 else ''} undone by the drift or pace guard)" if n else "")
             + (f" ({g:g} phase entr{'ies' if g != 1 else 'y'} run serial by the sharpness gate)" if g else ""))
 
 

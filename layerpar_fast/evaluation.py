@@ -116,6 +116,20 @@ class Evaluation:
             total += v
         return total / loader.num_samples
 
+    def entry_heldin_loss(self) -> float:
+        """The pace guard's reference at a phase's entry: :meth:`heldin_loss` with BatchNorm
+        statistics recalibrated as they are after every parallel epoch (§6), so that the
+        comparison is like for like; the serial epochs' running statistics are restored after,
+        bit for bit, and the run continues as without the measurement."""
+        mods = self._recal_modules()
+        saved = [t.clone() for m in mods for t in (m.running_mean, m.running_var, m.num_batches_tracked)]
+        self.recalibrate_bn(self.epoch)
+        loss = self.heldin_loss()
+        with torch.no_grad():
+            for t, v in zip((t for m in mods for t in (m.running_mean, m.running_var, m.num_batches_tracked)), saved):
+                t.copy_(v)
+        return loss
+
     def _heldin_loader(self) -> Any:
         """The pace guard's rows: the first ``pace_rows`` of a permutation of the training set
         drawn from its own seed (all rows when there are fewer), in fixed batches and views."""

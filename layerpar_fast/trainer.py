@@ -347,7 +347,7 @@ class HybridTrainer(ParallelPhase, SerialPhase, Evaluation, Checkpoints):
                 entry = j == 0 or self.stores is None
                 # the pace guard's reference: the network as the phase finds it (measured before the
                 # entry's own forward passes, which may touch BatchNorm statistics)
-                ref = self.heldin_loss() if cfg.pace_rows > 0 and entry else None
+                ref = self.entry_heldin_loss() if cfg.pace_rows > 0 and entry else None
                 if entry and not self._enter_parallel(pidx, self.epoch):
                     _postpone(plan, self.epoch, len(self.stages))   # this epoch reruns as a serial one
                     continue

@@ -64,7 +64,7 @@ def test_epochs_undone_by_the_drift_guard_are_reported(tmp_path):
                               png=str(tmp_path / "m.png")))()
     am.report(res, args)
     md = open(tmp_path / "m.md").read()
-    assert "(+0.5 parallel epochs undone by the drift guard) (1 phase entry run serial by the sharpness gate)" in md
+    assert "(+0.5 parallel epochs undone by the drift or pace guard) (1 phase entry run serial by the sharpness gate)" in md
     assert am.VARIANTS["guard30"] == ["--drift-guard", "0.3"] and am.VARIANTS["nogate"] == ["--sharpness-gate", "0"]
 
 
@@ -203,5 +203,38 @@ def test_drift_rows_train_each_arm_to_its_last_parallel_epoch_and_read_its_drift
     monkeypatch.setattr(am, "drift_rows", lambda a: rows)     # the command's table from the same rows
     assert am.cmd_drift(args) == 0
     md = open(tmp_path / "d.md").read()
-    assert "| mnist-10k-noaug-e8 | 2 | 0 | default | `serial:2,parallel:2,serial:4` | 0.030, 0.040 | 0.040 |" in md
+    assert "| mnist-10k-noaug-e8 | 2 | 0 | default | `serial:2,parallel:2,serial:4` | 0.030, 0.040 | 0.040 | - | - |" in md
     assert json.load(open(tmp_path / "d.json"))[0]["max_drift"] == 0.04
+
+
+def test_drift_rows_carry_the_pace_guard_s_held_in_losses_and_undone_epochs(tmp_path):
+    """The drift table of a --pace-rows arm lists the held-in loss at the entry and after each kept
+    parallel epoch, and the epoch the guard undid (read from the run's checkpoint)."""
+    import torch
+
+    def fake_run(cmd):
+        d = cmd[cmd.index("--out") + 1]
+        os.makedirs(d, exist_ok=True)
+        assert cmd[cmd.index("--pace-rows") + 1] == "2048"
+        with open(os.path.join(d, "metrics.jsonl"), "w") as f:     # phase 3-4, epoch 4 undone: serial
+            for e, phase in enumerate(["serial", "serial", "parallel", "serial"], 1):
+                rec = {"epoch": e, "phase": phase, "violation": [0.02] if phase == "parallel" else None}
+                if phase == "parallel":
+                    rec.update(heldin_ref=0.5, heldin_loss=0.45)
+                f.write(json.dumps(rec) + "\n")
+        torch.save({"rollbacks": [{"epoch": 4, "rolled_back_why": "held-in loss", "heldin_ref": 0.45,
+                                   "heldin_loss": 0.47, "violation": [0.03]}]}, os.path.join(d, "checkpoint.pt"))
+        return type("R", (), {"returncode": 0})()
+
+    args = type("A", (), dict(out=str(tmp_path), cells="mnist-10k-noaug-e8", ks="2", seeds="0", variant="pace2k",
+                              data_dir=str(tmp_path), test_subset=100, threads=1, json=str(tmp_path / "d.json"),
+                              md=str(tmp_path / "d.md")))()
+    rows = am.drift_rows(args, run=fake_run)
+    assert rows[0]["heldin"] == [[0.5, 0.45]] and rows[0]["schedule_run"] == "serial:2,parallel:1,serial:1"
+    assert rows[0]["undone"] == [{"epoch": 4, "rolled_back_why": "held-in loss", "heldin_ref": 0.45,
+                                  "heldin_loss": 0.47}]
+    import unittest.mock
+    with unittest.mock.patch.object(am, "drift_rows", lambda a: rows):
+        assert am.cmd_drift(args) == 0
+    md = open(tmp_path / "d.md").read()
+    assert "| 0.020 | 0.020 | 0.5000, 0.4500 | epoch 4: 0.4700 vs 0.4500 |" in md

@@ -469,7 +469,7 @@ def test_drift_guard_bad_values_are_refused():
 
 
 # ------------------------------------------------------------------------------ --pace-rows
-# held-in losses of this setup (serial:1,parallel:3,serial:1, 64 rows): entry 1.4107, epoch 2 1.3986 (kept),
+# held-in losses of this setup (serial:1,parallel:3,serial:1, 64 rows): entry 1.4236, epoch 2 1.3986 (kept),
 # epoch 3 1.3997 (not lower: undone)
 PACED = dict(schedule="serial:1,parallel:3,serial:1", pace_rows=64)
 
@@ -506,11 +506,11 @@ def test_pace_guard_that_keeps_every_epoch_changes_nothing():
 
 
 def test_pace_guard_on_the_phase_s_first_epoch_gives_the_serial_run():
-    g = trainer(schedule="serial:1,parallel:2,serial:1", pace_rows=16)     # held-in loss 1.3430 -> 1.3517
+    g = trainer(schedule="serial:1,parallel:2,serial:1", pace_rows=48, lr=0.3)     # held-in loss 1.3894 -> 1.4226
     g.run()
     if not g.rollbacks or g.rollbacks[0]["epoch"] != 2:
         pytest.fail(f"setup no longer undoes the phase's first epoch: {[r.get('heldin_loss') for r in g.records]}")
-    oracle = trainer(schedule="serial:4")
+    oracle = trainer(schedule="serial:4", lr=0.3)
     oracle.run()
     assert_same(params(g.model), params(oracle.model))
     assert all(r["phase"] == "serial" for r in g.records)
