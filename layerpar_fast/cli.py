@@ -44,6 +44,8 @@ _TRAIN_OPTIONS: dict[str, tuple[Any, str]] = {
                        "epochs' views: augmented as they are, one fixed view per row) is measured at a parallel "
                        "phase's entry and after each parallel epoch; an epoch that does not lower it is undone and "
                        "the rest of its phase runs serial, as with --drift-guard (0: off)"),
+    "pace_drop": (float, "with --pace-rows: the relative drop of the held-in loss a parallel epoch must reach to be kept "
+                         "(0: any drop)"),
     "tail_share": (float, "share S/E of the epochs in the default schedule's serial tail (serial:1,parallel:E-1-S,serial:S)"),
     "warm_share": (float, "share of the epochs in the default schedule's serial warm start: W = round(E x share), "
                           "at least 1 (0: one epoch); the parallel phase keeps its E-1-S epochs and the tail gives "
@@ -126,7 +128,8 @@ _GROUPS = {
                "mult_init", "stage_lr", "window", "parallel_augment", "aux_dtype", "aux_device", "kappa_iters",
                "bn_recalib_batches"),
     "schedule and optimisation": ("epochs", "schedule", "tail_share", "warm_share", "aug_parallel_share", "aug_warm_share",
-                                  "switch_drift", "drift_guard", "sharpness_gate", "pace_rows", "batch_size",
+                                  "switch_drift", "drift_guard", "sharpness_gate", "pace_rows", "pace_drop",
+                                  "batch_size",
                                   "eval_batch_size",
                                   "lr", "lr_schedule", "milestones", "lr_decay", "warmup_epochs", "momentum",
                                   "nesterov", "weight_decay", "wd_bn", "label_smoothing", "seed"),
@@ -272,7 +275,7 @@ def _train_config(args: argparse.Namespace) -> tuple[Config, str, bool]:
 
 #: options a fork may change while its source has run serial epochs only: they act in parallel phases
 #: (or shape the schedule's later phases, checked against the epochs already run)
-FORKABLE = ("parallel_augment", "mult_init", "stage_lr", "switch_drift", "drift_guard", "sharpness_gate", "pace_rows", "beta", "beta_c", "gamma", "al_order",
+FORKABLE = ("parallel_augment", "mult_init", "stage_lr", "switch_drift", "drift_guard", "sharpness_gate", "pace_rows", "pace_drop", "beta", "beta_c", "gamma", "al_order",
             "window", "aux_dtype", "kappa_iters", "ds", "filter", "schedule", "warm_share", "aug_warm_share",
             "tail_share", "aug_parallel_share", "bn_recalib_batches")
 

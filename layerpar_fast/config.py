@@ -60,6 +60,7 @@ class Config:
     drift_guard: float = 0.3    # a parallel epoch whose drift exceeds it is undone and rerun serially (0: off)
     sharpness_gate: float = 0.25  # a parallel epoch opens a phase only when lr·κ_k <= it for every stage (0: off)
     pace_rows: int = 0            # held-in training rows of the pace guard (0: off)
+    pace_drop: float = 0.0        # the relative drop of the held-in loss a parallel epoch must reach
     # optimisation
     batch_size: int = 128
     eval_batch_size: int = 1000
@@ -227,6 +228,7 @@ class Config:
              f"--switch-drift must be > 0, got {self.switch_drift}")
         need(self.drift_guard >= 0 and math.isfinite(self.drift_guard),
              f"--drift-guard must be a number >= 0 (0: off), got {self.drift_guard}")
+        need(0 <= self.pace_drop < 1, f"--pace-drop must be in [0, 1), got {self.pace_drop}")
         need(self.pace_rows >= 0,
              f"--pace-rows must be an integer >= 0 (0: off), got {self.pace_rows!r}")
         need(self.sharpness_gate >= 0 and math.isfinite(self.sharpness_gate),
@@ -438,7 +440,7 @@ def _type_words(t: str) -> str:
 
 
 #: options that only act in a layer-parallel run (a parallel phase), with their default
-PARALLEL_ONLY = ("parallel_augment", "mult_init", "stage_lr", "switch_drift", "drift_guard", "sharpness_gate", "pace_rows", "beta", "al_order", "window",
+PARALLEL_ONLY = ("parallel_augment", "mult_init", "stage_lr", "switch_drift", "drift_guard", "sharpness_gate", "pace_rows", "pace_drop", "beta", "al_order", "window",
                  "aux_dtype", "kappa_iters")
 
 

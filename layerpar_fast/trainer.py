@@ -413,9 +413,9 @@ class HybridTrainer(ParallelPhase, SerialPhase, Evaluation, Checkpoints):
         if cfg.drift_guard > 0 and should_switch(rec.get("violation") or [], cfg.drift_guard):
             return f"drift {max(rec['violation']):.3f} > --drift-guard {cfg.drift_guard:g}"
         ref = rec.get("heldin_ref")      # None: a phase resumed from a checkpoint written without the guard
-        if cfg.pace_rows > 0 and ref is not None and not rec["heldin_loss"] < ref:
-            return (f"held-in loss {rec['heldin_loss']:.4f}, not below {rec['heldin_ref']:.4f} "
-                    f"(--pace-rows {cfg.pace_rows})")
+        if cfg.pace_rows > 0 and ref is not None and not rec["heldin_loss"] < ref * (1.0 - cfg.pace_drop):
+            return (f"held-in loss {rec['heldin_loss']:.4f}, not below {rec['heldin_ref']:.4f}"
+                    + (f" x (1 - {cfg.pace_drop:g})" if cfg.pace_drop else "") + f" (--pace-rows {cfg.pace_rows})")
         return ""
 
     def _roll_back(self, snap: dict[str, Any], rec: dict[str, Any], why: str) -> None:
