@@ -42,9 +42,9 @@ _TRAIN_OPTIONS: dict[str, tuple[Any, str]] = {
                               "less, below the early ResNet-56 phases, 0.45 or more; 0: off)"),
     "pace_rows": (int, "the pace guard: the assembled network's loss on this many held-in training rows (the serial "
                        "epochs' views: augmented as they are, one fixed view per row) is measured at a parallel "
-                       "phase's entry and after each parallel epoch; an epoch that does not lower it is undone and "
-                       "the rest of its phase runs serial, as with --drift-guard (0: off)"),
-    "pace_drop": (float, "with --pace-rows: the relative drop of the held-in loss a parallel epoch must reach to be kept "
+                       "phase's entry and after its first epoch; when that epoch does not lower it by --pace-drop "
+                       "it is undone and the phase runs serial, as with --drift-guard (0: off)"),
+    "pace_drop": (float, "with --pace-rows: the relative drop of the held-in loss a phase's first epoch must reach "
                          "(0: any drop)"),
     "tail_share": (float, "share S/E of the epochs in the default schedule's serial tail (serial:1,parallel:E-1-S,serial:S)"),
     "warm_share": (float, "share of the epochs in the default schedule's serial warm start: W = round(E x share), "

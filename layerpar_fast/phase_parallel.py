@@ -33,7 +33,7 @@ class PhaseState:
     kappas: list[float]
     betas: list[float]
     lr_caps: list[float]
-    pace_ref: float | None = None   # --pace-rows: held-in loss the next parallel epoch must go below
+    pace_ref: float | None = None   # --pace-rows: held-in loss the phase's first epoch must go below
 
 
 def sharp_stages(kappas: list[float], lr: float, gate: float) -> list[int]:

@@ -345,9 +345,9 @@ class HybridTrainer(ParallelPhase, SerialPhase, Evaluation, Checkpoints):
             else:
                 snap = self._snapshot() if cfg.drift_guard > 0 or cfg.pace_rows > 0 else None
                 entry = j == 0 or self.stores is None
-                # the pace guard's reference: the network as the phase finds it (measured before the
-                # entry's own forward passes, which may touch BatchNorm statistics)
-                ref = self.entry_heldin_loss() if cfg.pace_rows > 0 and entry else None
+                # the pace guard's reference, for the phase's first epoch: the network as the phase
+                # finds it (measured before the entry's own forward passes)
+                ref = self.entry_heldin_loss() if cfg.pace_rows > 0 and j == 0 else None
                 if entry and not self._enter_parallel(pidx, self.epoch):
                     _postpone(plan, self.epoch, len(self.stages))   # this epoch reruns as a serial one
                     continue
@@ -355,7 +355,7 @@ class HybridTrainer(ParallelPhase, SerialPhase, Evaluation, Checkpoints):
                     self.phase_state.pace_ref = ref
                 rec = self._parallel_epoch(self.epoch)
             rec.update(self._evaluate_epoch(phase))
-            if phase == "parallel" and cfg.pace_rows > 0:
+            if phase == "parallel" and self.phase_state.pace_ref is not None:
                 rec["heldin_ref"] = self.phase_state.pace_ref
                 rec["heldin_loss"] = self.heldin_loss()
             rec["epoch_time_s"] = time.perf_counter() - t0
@@ -365,8 +365,7 @@ class HybridTrainer(ParallelPhase, SerialPhase, Evaluation, Checkpoints):
                 if why:
                     self._roll_back(snap, rec, why)    # the epoch reruns as a serial epoch (the same index)
                     continue
-                if cfg.pace_rows > 0:
-                    self.phase_state.pace_ref = rec["heldin_loss"]
+                self.phase_state.pace_ref = None     # the phase passed its first epoch
             self.records.append(rec)
             if writer:
                 writer.write(rec)
@@ -407,13 +406,14 @@ class HybridTrainer(ParallelPhase, SerialPhase, Evaluation, Checkpoints):
 
     def _guard_verdict(self, rec: dict[str, Any]) -> str:
         """Why the parallel epoch of record ``rec`` is to be undone ('' when it stays): the drift
-        guard (a stage's drift above --drift-guard), then the pace guard (the held-in loss not
-        lowered, --pace-rows). Decided from the record, the same on every rank."""
+        guard (a stage's drift above --drift-guard), then, on a phase's first epoch, the pace guard
+        (the held-in loss not lowered by --pace-drop, --pace-rows). Decided from the record, the
+        same on every rank."""
         cfg = self.cfg
         if cfg.drift_guard > 0 and should_switch(rec.get("violation") or [], cfg.drift_guard):
             return f"drift {max(rec['violation']):.3f} > --drift-guard {cfg.drift_guard:g}"
-        ref = rec.get("heldin_ref")      # None: a phase resumed from a checkpoint written without the guard
-        if cfg.pace_rows > 0 and ref is not None and not rec["heldin_loss"] < ref * (1.0 - cfg.pace_drop):
+        ref = rec.get("heldin_ref")      # set on a phase's first epoch only
+        if ref is not None and not rec["heldin_loss"] < ref * (1.0 - cfg.pace_drop):
             return (f"held-in loss {rec['heldin_loss']:.4f}, not below {rec['heldin_ref']:.4f}"
                     + (f" x (1 - {cfg.pace_drop:g})" if cfg.pace_drop else "") + f" (--pace-rows {cfg.pace_rows})")
         return ""

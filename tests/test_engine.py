@@ -469,47 +469,48 @@ def test_drift_guard_bad_values_are_refused():
 
 
 # ------------------------------------------------------------------------------ --pace-rows
-# held-in losses of this setup (serial:1,parallel:3,serial:1, 64 rows): entry 1.4236, epoch 2 1.3986 (kept),
-# epoch 3 1.3997 (not lower: undone)
+# held-in losses of this setup (serial:1,parallel:3,serial:1, 64 rows): entry 1.4236, after the phase's
+# first epoch 1.3986 (a drop of 1.8%)
 PACED = dict(schedule="serial:1,parallel:3,serial:1", pace_rows=64)
 
 
-def test_pace_guard_undoes_an_epoch_that_does_not_lower_the_heldin_loss(tmp_path):
-    """The first parallel epoch lowers the held-in loss and stays; the second does not and is
-    undone: the run equals, bit for bit, the run whose phase ended one epoch earlier."""
+def test_pace_guard_undoes_a_first_epoch_that_does_not_lower_the_heldin_loss_enough(tmp_path):
+    """--pace-drop 0.02 asks the phase's first epoch for a 2% drop; 1.8% is not enough: the epoch
+    is undone and the run equals, bit for bit, the serial run; the undone record is kept apart."""
     logs = []
-    g = trainer(tmp_path / "g", log=logs.append, **PACED)
+    g = trainer(tmp_path / "g", log=logs.append, pace_drop=0.02, **PACED)
     summary = g.run()
-    oracle = trainer(schedule="serial:1,parallel:1,serial:3")
+    oracle = trainer(schedule="serial:5")
     oracle.run()
     assert_same(params(g.model), params(oracle.model))
-    assert [r["phase"] for r in g.records] == ["serial", "parallel", "serial", "serial", "serial"]
-    kept = g.records[1]
-    assert kept["heldin_loss"] < kept["heldin_ref"]
+    assert all(r["phase"] == "serial" for r in g.records)
     undone = g.rollbacks[0]
-    assert undone["epoch"] == 3 and undone["heldin_ref"] == kept["heldin_loss"]
-    assert not undone["heldin_loss"] < undone["heldin_ref"] and "held-in loss" in undone["rolled_back_why"]
+    assert undone["epoch"] == 2 and 0.98 * undone["heldin_ref"] < undone["heldin_loss"] < undone["heldin_ref"]
+    assert "x (1 - 0.02) (--pace-rows 64)" in undone["rolled_back_why"]
     assert summary["rolled_back"][0]["rolled_back_why"] == undone["rolled_back_why"]
-    assert any("(--pace-rows 64) in parallel epoch 3: the epoch is undone" in m for m in logs)
+    assert any("(--pace-rows 64) in parallel epoch 2: the epoch is undone" in m for m in logs)
 
 
-def test_pace_guard_that_keeps_every_epoch_changes_nothing():
-    """Measuring the held-in loss draws on no training randomness and leaves BatchNorm alone: a
-    phase whose epochs all lower it trains exactly as without the guard."""
-    ref = trainer(schedule="serial:1,parallel:1,serial:1")
+def test_pace_guard_checks_the_phase_s_first_epoch_only_and_otherwise_changes_nothing():
+    """A first epoch that lowers the held-in loss keeps the phase; later epochs are not measured
+    (their transient is the drift guard's business). Measuring draws on no training randomness and
+    restores BatchNorm statistics: the run equals the run without the guard, bit for bit."""
+    ref = trainer(schedule=PACED["schedule"])
     ref.run()
-    g = trainer(schedule="serial:1,parallel:1,serial:1", pace_rows=64)
+    g = trainer(**PACED)
     g.run()
     assert_same(params(ref.model), params(g.model)) and not g.rollbacks
     assert [r["test_acc"] for r in g.records] == [r["test_acc"] for r in ref.records]
+    assert [r["phase"] for r in g.records] == ["serial", "parallel", "parallel", "parallel", "serial"]
     assert g.records[1]["heldin_loss"] < g.records[1]["heldin_ref"]
+    assert [("heldin_loss" in r) for r in g.records] == [False, True, False, False, False]
 
 
-def test_pace_guard_on_the_phase_s_first_epoch_gives_the_serial_run():
+def test_pace_guard_with_any_drop_undoes_a_first_epoch_that_raises_the_loss():
     g = trainer(schedule="serial:1,parallel:2,serial:1", pace_rows=48, lr=0.3)     # held-in loss 1.3894 -> 1.4226
     g.run()
     if not g.rollbacks or g.rollbacks[0]["epoch"] != 2:
-        pytest.fail(f"setup no longer undoes the phase's first epoch: {[r.get('heldin_loss') for r in g.records]}")
+        pytest.fail(f"setup no longer undoes the phase's first epoch: {g.rollbacks}")
     oracle = trainer(schedule="serial:4", lr=0.3)
     oracle.run()
     assert_same(params(g.model), params(oracle.model))
@@ -517,20 +518,22 @@ def test_pace_guard_on_the_phase_s_first_epoch_gives_the_serial_run():
 
 
 def test_pace_guard_resumes_exactly(tmp_path):
-    """Killed after the kept parallel epoch (the next epoch's reference then comes from the
-    checkpoint) or inside the undone one: the resumed run ends as the uninterrupted one."""
-    full = trainer(tmp_path / "full", **PACED)
-    full.run()
-
+    """Killed inside the undone first epoch, after the serial epoch that replaced it, or after a
+    kept first epoch: the resumed run ends as the uninterrupted one."""
     class Kill(Exception):
         pass
 
-    for stage, when in (("between", "epoch   2/"), ("inside", "held-in loss")):
+    for stage, drop, when in (("inside", 0.02, "held-in loss"), ("after", 0.02, "epoch   2/"),
+                              ("kept", 0.0, "epoch   2/")):
+        kw = dict(PACED, pace_drop=drop)
+        full = trainer(tmp_path / f"full-{stage}", **kw)
+        full.run()
+
         def killer(msg, when=when):
             if msg.startswith(when):
                 raise Kill
         d = tmp_path / stage
-        cut = trainer(d, checkpoint_every=1, **PACED)
+        cut = trainer(d, **kw)
         cut.log = killer
         with pytest.raises(Kill):
             cut.run()
@@ -538,9 +541,8 @@ def test_pace_guard_resumes_exactly(tmp_path):
                                 log=lambda m: None, resume=True)
         resumed.run()
         assert_same(params(full.model), params(resumed.model))
-        assert [r["phase"] for r in resumed.records] == [r["phase"] for r in full.records]
-        assert [r["epoch"] for r in resumed.rollbacks] == [3], stage
-        assert resumed.records[1]["heldin_loss"] == full.records[1]["heldin_loss"]
+        assert [r["phase"] for r in resumed.records] == [r["phase"] for r in full.records], stage
+        assert [r["epoch"] for r in resumed.rollbacks] == [r["epoch"] for r in full.rollbacks], stage
 
 
 def test_heldin_rows_use_the_serial_epochs_views():
@@ -563,6 +565,9 @@ def test_pace_rows_bad_values_are_refused():
         make_config(method="al", stages=2, pace_rows=-1)
     with pytest.raises(ConfigError, match="pace_rows: expected an integer"):
         make_config(method="al", stages=2, pace_rows=2.5)
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ConfigError, match=r"--pace-drop must be in \[0, 1\)"):
+            make_config(method="al", stages=2, pace_rows=64, pace_drop=bad)
 
 
 # --------------------------------------------------------------------------- --sharpness-gate
