@@ -149,6 +149,7 @@ VARIANTS: dict[str, list[str]] = {
     "replicas2": ["--replicas", "2"],                            # K stages x 2 replicas, same global batch (issue 13)
     # round 13: the pace guard, a parallel epoch kept only when it lowers the held-in training loss
     "pace2k": ["--pace-rows", "2048"],
+    "nopace": ["--pace-rows", "0"],           # the defaults before round 13
 }
 
 

@@ -270,7 +270,7 @@ def _measure(args: argparse.Namespace, variants: tuple[str, ...]) -> dict[str, A
                       schedule=f"parallel:{args.repeats}", serial_on="all", threads=1, progress=False,
                       timeout_s=3600.0, kappa_iters=args.kappa_iters, bn_recalib_batches=0,
                       balance=args.balance, cuts=args.cuts,
-                      sharpness_gate=0)   # time the epoch however sharp the fresh network (method.md §6)
+                      sharpness_gate=0, pace_rows=0)   # time the epoch however sharp the fresh network (method.md §6)
     with tempfile.TemporaryDirectory() as tmp:
         result = os.path.join(tmp, "result.json")
         code = launch_local(cfg, tmp, False, entry=[sys.executable, "-u", os.path.abspath(__file__), "worker",

@@ -268,7 +268,7 @@ def _config(job: dict[str, Any]) -> Any:
     from layerpar_fast.config import make_config
     # the parallel epoch is timed however sharp the fresh network is: without this the phase's
     # sharpness gate (docs/method.md §6) keeps it serial on a deep untrained network (ResNet-56)
-    extra = {"sharpness_gate": 0.0, **job.get("config", {})}
+    extra = {"sharpness_gate": 0.0, "pace_rows": 0, **job.get("config", {})}
     return make_config(dataset=job["dataset"], data_dir=job["data_dir"], subset=job["subset"],
                        test_subset=job.get("test_subset", 1000), model=job["model"], method="al", stages=2,
                        ds=job.get("ds", 1), batch_size=job["batch_size"],

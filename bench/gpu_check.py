@@ -237,7 +237,7 @@ def _k2_config(device: torch.device, batch: int, schedule: str, threads: int | N
                 progress=False, kappa_iters=5 if tiny else 20, bn_recalib_batches=8 if tiny else 50,
                 augment="none", transport="local", device=device.type, threads=threads, seed=0,
                 model="mnist_resnet", serial_on="one",   # serial epochs on whole batches (the loss taps see them)
-                sharpness_gate=0)   # the phase runs whatever the tiny runs' curvature: the engine is under test
+                sharpness_gate=0, pace_rows=0)   # the phase runs whatever the tiny runs' curvature: the engine is under test
     base.update(kw)
     return make_config(**base)
 

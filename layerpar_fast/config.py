@@ -59,8 +59,8 @@ class Config:
     switch_drift: float | None = None
     drift_guard: float = 0.3    # a parallel epoch whose drift exceeds it is undone and rerun serially (0: off)
     sharpness_gate: float = 0.25  # a parallel epoch opens a phase only when lr·κ_k <= it for every stage (0: off)
-    pace_rows: int = 0            # held-in training rows of the pace guard (0: off)
-    pace_drop: float = 0.0        # the relative drop of the held-in loss a parallel epoch must reach
+    pace_rows: int = 2048         # held-in training rows of the pace guard (0: off)
+    pace_drop: float = 0.005      # the relative drop of the held-in loss a phase's first epoch must reach
     # optimisation
     batch_size: int = 128
     eval_batch_size: int = 1000

@@ -111,8 +111,9 @@ def test_fork_branches_every_arm_from_one_warm_start_with_the_same_results(tmp_p
     import torch
     monkeypatch.setitem(am.CELLS, "tiny", {"dataset": "embedded", "train_size": "128", "epochs": 5,
                                            "augment": "none", "model": "mnist_resnet", "lr": 0.05, "subset": 128})
-    monkeypatch.setitem(am.VARIANTS, "tinygrad", ["--mult-init", "grad", "--kappa-iters", "2", "--sharpness-gate", "0"])
-    monkeypatch.setitem(am.VARIANTS, "tinydef", ["--kappa-iters", "2", "--sharpness-gate", "0"])
+    monkeypatch.setitem(am.VARIANTS, "tinygrad", ["--mult-init", "grad", "--kappa-iters", "2", "--sharpness-gate", "0",
+                                                  "--pace-rows", "0"])
+    monkeypatch.setitem(am.VARIANTS, "tinydef", ["--kappa-iters", "2", "--sharpness-gate", "0", "--pace-rows", "0"])
     monkeypatch.setattr(am, "report", lambda results, args: None)
 
     def run(out, fork):

@@ -54,7 +54,7 @@ def test_train_writes_the_run_directory(tmp_path, capsys):
 def test_config_file_and_layer_parallel_run(tmp_path):
     cfg = tmp_path / "run.toml"
     cfg.write_text('method = "al"\nstages = 2\nds = 2\nschedule = "serial:1,parallel:1"\n'
-                   'kappa-iters = 2\nbn-recalib-batches = 2\ntransport = "local"\nsharpness-gate = 0\n')
+                   'kappa-iters = 2\nbn-recalib-batches = 2\ntransport = "local"\nsharpness-gate = 0\npace-rows = 0\n')
     out = tmp_path / "lp"
     assert main(["train", "--config", str(cfg), *QUICK, "--out", str(out)]) == 0
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

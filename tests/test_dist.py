@@ -57,7 +57,7 @@ def tiny_config(k: int, **kw):
     base = dict(method="al", stages=k, ds=2, batch_size=8, eval_batch_size=8, lr=0.05,
                 schedule="parallel:2,serial:1", serial_on="one", progress=False, kappa_iters=3,
                 bn_recalib_batches=2, augment="crop_flip", threads=1, timeout_s=30.0, seed=0,
-                drift_guard=0, sharpness_gate=0)      # the cases that test guard and gate set them
+                drift_guard=0, sharpness_gate=0, pace_rows=0)      # the cases that test guards and gate set them
     base.update(kw)
     return make_config(**base)
 
@@ -245,7 +245,8 @@ def test_distributed_run_equals_single_process_run(tmp_path, k, cases):
 
 # ------------------------------------------------------------------------------------ failures
 QUICK = ["--subset", "256", "--test-subset", "128", "--batch-size", "64", "--no-progress", "--threads", "1",
-         "--method", "al", "--ds", "2", "--kappa-iters", "2", "--bn-recalib-batches", "2", "--sharpness-gate", "0"]
+         "--method", "al", "--ds", "2", "--kappa-iters", "2", "--bn-recalib-batches", "2", "--sharpness-gate", "0",
+         "--pace-rows", "0"]
 
 FAILING_WORKER = textwrap.dedent("""
     import os, sys
@@ -273,7 +274,7 @@ def test_a_rank_that_raises_stops_the_whole_run(tmp_path):
         from layerpar_fast.launch import launch_local
         cfg = make_config(subset=256, test_subset=128, batch_size=64, progress=False, threads=1, method="al",
                           stages=2, ds=2, kappa_iters=2, bn_recalib_batches=2, schedule="parallel:2",
-                          sharpness_gate=0, timeout_s=60.0, out={str(tmp_path / 'run')!r})
+                          sharpness_gate=0, pace_rows=0, timeout_s=60.0, out={str(tmp_path / 'run')!r})
         sys.exit(launch_local(cfg, {str(tmp_path / 'run')!r}, False,
                               entry=[sys.executable, "-u", {str(script)!r}]))
     """)
@@ -483,7 +484,8 @@ def test_debug_sync_cli_run_equals_the_local_transport(tmp_path):
     parallel:2` completes and equals --transport local (here on 600 images, last batch uneven)."""
     common = ["--dataset", "embedded", "--method", "al", "--stages", "2", "--schedule", "parallel:2",
               "--subset", "600", "--batch-size", "128", "--test-subset", "200", "--kappa-iters", "3",
-              "--bn-recalib-batches", "2", "--no-progress", "--threads", "1", "--timeout-s", "60", "--sharpness-gate", "0"]
+              "--bn-recalib-batches", "2", "--no-progress", "--threads", "1", "--timeout-s", "60", "--sharpness-gate", "0",
+              "--pace-rows", "0"]
     d = _train([*common, "--out", str(tmp_path / "dist")], {"LAYERPAR_DEBUG_SYNC": "1"})
     assert d.returncode == 0, d.stdout + d.stderr
     loc = _train([*common, "--transport", "local", "--out", str(tmp_path / "local")], {})

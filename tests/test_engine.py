@@ -34,7 +34,8 @@ def tiny_model(seed=0, width=4, classes=4):
 def trainer(tmp_path=None, cuts=(2, 3), size=8, **kw):
     base = dict(method="al", stages=len(cuts) + 1, ds=2, batch_size=16, eval_batch_size=16, lr=0.05,
                 schedule="parallel:2", progress=False, kappa_iters=3, bn_recalib_batches=2, augment="none",
-                threads=1, drift_guard=0, sharpness_gate=0)   # the mechanics under test; guard and gate have tests of their own
+                threads=1, drift_guard=0, sharpness_gate=0,   # the mechanics under test; guards and gate have tests of their own
+                pace_rows=0)
     log = kw.pop("log", lambda m: None)
     base.update(kw)
     cfg = make_config(**base)
@@ -557,6 +558,12 @@ def test_heldin_rows_use_the_serial_epochs_views():
     assert aug.heldin_loss() == aug.heldin_loss()
     big = trainer(schedule="serial:1,parallel:1", pace_rows=10_000)      # more rows than the data: all of them
     assert big._heldin_loader().num_samples == 48
+
+
+def test_pace_guard_is_on_by_default():
+    from layerpar_fast.config import Config
+    assert (Config().pace_rows, Config().pace_drop) == (2048, 0.005)
+    assert make_config(method="al", stages=2, pace_rows=0).pace_rows == 0
 
 
 def test_pace_rows_bad_values_are_refused():

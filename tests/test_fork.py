@@ -12,7 +12,8 @@ from layerpar_fast.cli import main
 
 QUICK = ["--subset", "256", "--test-subset", "128", "--batch-size", "64", "--no-progress", "--threads", "1"]
 SPH = [*QUICK, "--method", "al", "--stages", "2", "--transport", "local", "--kappa-iters", "2",
-       "--bn-recalib-batches", "1", "--schedule", "serial:1,parallel:1,serial:1", "--sharpness-gate", "0"]
+       "--bn-recalib-batches", "1", "--schedule", "serial:1,parallel:1,serial:1", "--sharpness-gate", "0",
+       "--pace-rows", "0"]
 
 
 def _model(run):
