@@ -45,8 +45,8 @@ _TRAIN_OPTIONS: dict[str, tuple[Any, str]] = {
                        "phase's entry and after its first epoch; when that epoch does not lower it by --pace-drop "
                        "it is undone and the phase runs serial, as with --drift-guard (default 2048; 0: off)"),
     "pace_drop": (float, "with --pace-rows: the relative drop of the held-in loss a phase's first epoch must reach "
-                         "(default 0.005: between every ResNet-20 and MNIST phase of the accuracy matrix that "
-                         "lowered it, by 1.8% or more, and ResNet-56 at K = 4, 0.1%; 0: any drop)"),
+                         "(default 0.005: below the smallest drop of a phase the accuracy matrix keeps, 1.8%, above "
+                         "ResNet-56's at K = 4, 0.1%; 0: any drop)"),
     "tail_share": (float, "share S/E of the epochs in the default schedule's serial tail (serial:1,parallel:E-1-S,serial:S)"),
     "warm_share": (float, "share of the epochs in the default schedule's serial warm start: W = round(E x share), "
                           "at least 1 (0: one epoch); the parallel phase keeps its E-1-S epochs and the tail gives "
