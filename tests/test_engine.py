@@ -389,6 +389,25 @@ def test_switch_drift_ends_the_parallel_phase_and_resumes_exactly(tmp_path):
     assert [r["phase"] for r in resumed.records] == [r["phase"] for r in full.records]
 
 
+def killed_and_resumed(d, when, **kw):
+    """A run of ``trainer(d, **kw)`` killed at the first log line starting with ``when``, then
+    resumed from its checkpoint and run to the end (the resumed trainer)."""
+    class Kill(Exception):
+        pass
+
+    def killer(msg):
+        if msg.startswith(when):
+            raise Kill
+    cut = trainer(d, **kw)
+    cut.log = killer
+    with pytest.raises(Kill):
+        cut.run()
+    resumed = HybridTrainer(cut.cfg, str(d), data=tiny_data(), model=tiny_model(), cuts=[2, 3],
+                            log=lambda m: None, resume=True)
+    resumed.run()
+    return resumed
+
+
 # ------------------------------------------------------------------------------ --drift-guard
 # drifts of this setup (serial:1,parallel:3,serial:1): epoch 2 [0.024, 0.014], epoch 3 [0.055, 0.056]
 GUARDED = dict(schedule="serial:1,parallel:3,serial:1", drift_guard=0.04)
@@ -436,22 +455,8 @@ def test_drift_guard_resumes_exactly(tmp_path):
     run ends with the parameters, phases and rollback records of the uninterrupted one."""
     full = trainer(tmp_path / "full", **GUARDED)
     full.run()
-
-    class Kill(Exception):
-        pass
-
     for stage, when in (("after", "epoch   4/"), ("inside", "drift ")):
-        def killer(msg, when=when):
-            if msg.startswith(when):
-                raise Kill
-        d = tmp_path / stage
-        cut = trainer(d, **GUARDED)
-        cut.log = killer
-        with pytest.raises(Kill):
-            cut.run()
-        resumed = HybridTrainer(cut.cfg, str(d), data=tiny_data(), model=tiny_model(), cuts=[2, 3],
-                                log=lambda m: None, resume=True)
-        resumed.run()
+        resumed = killed_and_resumed(tmp_path / stage, when, **GUARDED)
         assert_same(params(full.model), params(resumed.model))
         assert [r["phase"] for r in resumed.records] == [r["phase"] for r in full.records]
         assert [r["epoch"] for r in resumed.rollbacks] == [3], stage
@@ -521,26 +526,12 @@ def test_pace_guard_with_any_drop_undoes_a_first_epoch_that_raises_the_loss():
 def test_pace_guard_resumes_exactly(tmp_path):
     """Killed inside the undone first epoch, after the serial epoch that replaced it, or after a
     kept first epoch: the resumed run ends as the uninterrupted one."""
-    class Kill(Exception):
-        pass
-
     for stage, drop, when in (("inside", 0.02, "held-in loss"), ("after", 0.02, "epoch   2/"),
                               ("kept", 0.0, "epoch   2/")):
         kw = dict(PACED, pace_drop=drop)
         full = trainer(tmp_path / f"full-{stage}", **kw)
         full.run()
-
-        def killer(msg, when=when):
-            if msg.startswith(when):
-                raise Kill
-        d = tmp_path / stage
-        cut = trainer(d, **kw)
-        cut.log = killer
-        with pytest.raises(Kill):
-            cut.run()
-        resumed = HybridTrainer(cut.cfg, str(d), data=tiny_data(), model=tiny_model(), cuts=[2, 3],
-                                log=lambda m: None, resume=True)
-        resumed.run()
+        resumed = killed_and_resumed(tmp_path / stage, when, **kw)
         assert_same(params(full.model), params(resumed.model))
         assert [r["phase"] for r in resumed.records] == [r["phase"] for r in full.records], stage
         assert [r["epoch"] for r in resumed.rollbacks] == [r["epoch"] for r in full.rollbacks], stage
