@@ -551,6 +551,22 @@ def test_heldin_rows_use_the_serial_epochs_views():
     assert big._heldin_loader().num_samples == 48
 
 
+def test_pace_rule_on_synthetic_records():
+    """The verdict from a first epoch's record: kept only when the held-in loss fell strictly below
+    entry x (1 - drop); NaN is undone; an epoch without a reference (not a phase's first) is kept;
+    the drift guard speaks first."""
+    g = trainer(pace_rows=64, pace_drop=0.01, drift_guard=0.3)
+    rec = lambda loss, ref=1.0, drift=0.1: {"heldin_ref": ref, "heldin_loss": loss, "violation": [drift]}  # noqa: E731
+    assert g._guard_verdict(rec(0.98)) == ""                       # 2% down: kept
+    assert "held-in loss 0.9950, not below 1.0000 x (1 - 0.01)" in g._guard_verdict(rec(0.995))
+    assert g._guard_verdict(rec(0.99)) != ""                       # exactly at the bound: undone
+    assert g._guard_verdict(rec(float("nan"))) != ""
+    assert g._guard_verdict({"violation": [0.1]}) == ""            # later epochs carry no reference
+    assert g._guard_verdict(rec(0.5, drift=0.4)).startswith("drift 0.400 > --drift-guard 0.3")
+    off = trainer(pace_rows=0)
+    assert off._guard_verdict({"violation": [0.1]}) == ""
+
+
 def test_pace_guard_is_on_by_default():
     from layerpar_fast.config import Config
     assert (Config().pace_rows, Config().pace_drop) == (2048, 0.005)
