@@ -121,12 +121,12 @@ class Evaluation:
         statistics recalibrated as they are after every parallel epoch (§6), so that the
         comparison is like for like; the serial epochs' running statistics are restored after,
         bit for bit, and the run continues as without the measurement."""
-        mods = self._recal_modules()
-        saved = [t.clone() for m in mods for t in (m.running_mean, m.running_var, m.num_batches_tracked)]
+        bufs = [t for m in self._recal_modules() for t in (m.running_mean, m.running_var, m.num_batches_tracked)]
+        saved = [t.clone() for t in bufs]
         self.recalibrate_bn(self.epoch)
         loss = self.heldin_loss()
         with torch.no_grad():
-            for t, v in zip((t for m in mods for t in (m.running_mean, m.running_var, m.num_batches_tracked)), saved):
+            for t, v in zip(bufs, saved):
                 t.copy_(v)
         return loss
 

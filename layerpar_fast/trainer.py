@@ -343,7 +343,8 @@ class HybridTrainer(ParallelPhase, SerialPhase, Evaluation, Checkpoints):
                 rec = {"epoch": self.epoch + 1, "phase": "idle", "train_loss": float("nan"),
                        "train_acc": float("nan"), "lr": self.lr_at((self.epoch + 1) * self.steps_per_epoch - 1)}
             else:
-                snap = self._snapshot() if cfg.drift_guard > 0 or cfg.pace_rows > 0 else None
+                # what a guard may restore: the drift guard checks every parallel epoch, the pace guard a phase's first
+                snap = self._snapshot() if cfg.drift_guard > 0 or (cfg.pace_rows > 0 and j == 0) else None
                 entry = j == 0 or self.stores is None
                 # the pace guard's reference, for the phase's first epoch: the network as the phase
                 # finds it (measured before the entry's own forward passes)
